@@ -1,0 +1,1 @@
+"""Face and style encoders: photos -> identity and style objects."""

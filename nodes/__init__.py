@@ -1,0 +1,2 @@
+"""ComfyUI node classes: thin V3 schemas that call encoders/ and attention/."""
+NODE_LIST = []

@@ -1,0 +1,119 @@
+#!/usr/bin/env bash
+# Idempotent set-up shared by scripts/run.sh and scripts/test.sh.
+# Sourced, it leaves behind: FACESTUDIO_ROOT, FACESTUDIO_PY (the venv's python), COMFYUI_DIR (the host).
+#
+# Host, in order: $COMFYUI_PATH; the ComfyUI whose custom_nodes/ holds this pack;
+# a clone of the pinned commit (scripts/comfyui.pin) into .comfyui/ComfyUI.
+# Environment knobs: FACESTUDIO_VENV (default .venv), PYTHON (default python3),
+# FACESTUDIO_TORCH (the torch requirement, default torch==2.13.0).
+set -euo pipefail
+
+FACESTUDIO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="${FACESTUDIO_VENV:-$FACESTUDIO_ROOT/.venv}"
+PYTHON="${PYTHON:-python3}"
+TORCH_REQ="${FACESTUDIO_TORCH:-torch==2.13.0}"
+# torchvision must match torch exactly, or pip "upgrades" torch to a multi-GB CUDA build.
+TORCHVISION_REQ="${FACESTUDIO_TORCHVISION:-torchvision==0.28.0}"
+
+log() { printf '[facestudio setup] %s\n' "$*" >&2; }
+
+pin_value() { sed -n "s/^$1=//p" "$FACESTUDIO_ROOT/scripts/comfyui.pin"; }
+
+# --- 1. the host -------------------------------------------------------------
+resolve_host() {
+    if [ -n "${COMFYUI_PATH:-}" ]; then
+        [ -f "$COMFYUI_PATH/main.py" ] || { log "COMFYUI_PATH=$COMFYUI_PATH has no main.py: point it at a ComfyUI checkout."; return 1; }
+        COMFYUI_DIR="$(cd "$COMFYUI_PATH" && pwd)"
+        return
+    fi
+    local parent
+    parent="$(dirname "$FACESTUDIO_ROOT")"
+    if [ "$(basename "$parent")" = custom_nodes ] && [ -f "$(dirname "$parent")/main.py" ]; then
+        COMFYUI_DIR="$(dirname "$parent")"
+        return
+    fi
+    COMFYUI_DIR="$FACESTUDIO_ROOT/.comfyui/ComfyUI"
+    local url commit
+    url="$(pin_value url)"; commit="$(pin_value commit)"
+    if [ ! -d "$COMFYUI_DIR/.git" ]; then
+        log "cloning ComfyUI $commit from $url"
+        mkdir -p "$(dirname "$COMFYUI_DIR")"
+        git clone -q --no-checkout "$url" "$COMFYUI_DIR"
+    fi
+    if [ "$(git -C "$COMFYUI_DIR" rev-parse HEAD 2>/dev/null || true)" != "$commit" ] \
+        || ! git -C "$COMFYUI_DIR" diff --quiet HEAD 2>/dev/null; then
+        git -C "$COMFYUI_DIR" fetch -q origin "$commit" 2>/dev/null || true
+        if ! git -C "$COMFYUI_DIR" -c advice.detachedHead=false checkout -q -f "$commit" 2>/dev/null; then
+            # A mirror that lacks the HunyuanVideo tokenizer blob cannot check it out; nothing here needs it.
+            log "full checkout failed; retrying without comfy/text_encoders/llama_tokenizer/tokenizer.json"
+            git -C "$COMFYUI_DIR" sparse-checkout set --no-cone '/*' '!/comfy/text_encoders/llama_tokenizer/tokenizer.json'
+            git -C "$COMFYUI_DIR" -c advice.detachedHead=false checkout -q -f "$commit" 2>/dev/null
+        fi
+    fi
+}
+
+link_pack_into_host() {
+    local nodes_dir="$COMFYUI_DIR/custom_nodes" here
+    mkdir -p "$nodes_dir"
+    for here in "$nodes_dir"/*; do
+        [ -e "$here" ] && [ "$(cd "$here" && pwd -P)" = "$(cd "$FACESTUDIO_ROOT" && pwd -P)" ] && return 0
+    done
+    ln -s "$FACESTUDIO_ROOT" "$nodes_dir/ComfyUI-FaceStudio"
+    log "linked the pack into $nodes_dir/ComfyUI-FaceStudio"
+}
+
+# --- 2. the virtual environment ----------------------------------------------
+has_cuda_gpu() { command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; }
+
+setup_stamp() {
+    # Everything that changes what gets installed; a match means nothing to do.
+    {
+        echo "$TORCH_REQ $TORCHVISION_REQ $(has_cuda_gpu && echo cuda || echo cpu)"
+        cat "$COMFYUI_DIR/requirements.txt" "$FACESTUDIO_ROOT/requirements.txt" \
+            "$FACESTUDIO_ROOT/requirements-test.txt" "$FACESTUDIO_ROOT/scripts/setup.sh" \
+            "$FACESTUDIO_ROOT/scripts/torchvision_cpu_shim.py" "$FACESTUDIO_ROOT/install.py"
+    } | sha256sum | cut -d' ' -f1
+}
+
+setup_venv() {
+    if [ ! -x "$VENV/bin/python" ]; then
+        log "creating virtual environment $VENV"
+        "$PYTHON" -m venv "$VENV"
+    fi
+    FACESTUDIO_PY="$VENV/bin/python"
+    local stamp_file="$VENV/.facestudio-setup" stamp
+    stamp="$(setup_stamp)"
+    if [ -f "$stamp_file" ] && [ "$(cat "$stamp_file")" = "$stamp" ]; then
+        return
+    fi
+    log "installing dependencies into $VENV"
+    local constraints="$VENV/facestudio-constraints.txt"
+    printf '%s\n%s\n' "$TORCH_REQ" "$TORCHVISION_REQ" >"$constraints"
+    local pip=("$FACESTUDIO_PY" -m pip install -q --disable-pip-version-check -c "$constraints")
+    "${pip[@]}" "$TORCH_REQ"
+    # torchaudio is optional for the host (two audio node modules) and its wheels are CUDA-linked.
+    grep -v -E '^\s*torchaudio' "$COMFYUI_DIR/requirements.txt" >"$VENV/host-requirements.txt"
+    "${pip[@]}" -r "$VENV/host-requirements.txt" requests
+    "${pip[@]}" -r "$FACESTUDIO_ROOT/requirements.txt" -r "$FACESTUDIO_ROOT/requirements-test.txt"
+    "$FACESTUDIO_PY" "$FACESTUDIO_ROOT/install.py"
+    install_torchvision_shim_if_needed
+    echo "$stamp" >"$stamp_file"
+}
+
+install_torchvision_shim_if_needed() {
+    local site
+    site="$("$FACESTUDIO_PY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
+    rm -f "$site/facestudio_torchvision_cpu_shim.pth" "$site/facestudio_torchvision_cpu_shim.py"
+    if "$FACESTUDIO_PY" -c 'import torchvision' >/dev/null 2>&1; then
+        return
+    fi
+    # A CUDA-built torchvision beside CPU torch cannot load its ops library; see the shim's docstring.
+    log "torchvision cannot load its compiled ops with this torch; installing the start-up shim"
+    cp "$FACESTUDIO_ROOT/scripts/torchvision_cpu_shim.py" "$site/facestudio_torchvision_cpu_shim.py"
+    echo "import facestudio_torchvision_cpu_shim" >"$site/facestudio_torchvision_cpu_shim.pth"
+    "$FACESTUDIO_PY" -c 'import torchvision' || { log "torchvision still fails to import"; return 1; }
+}
+
+resolve_host
+setup_venv
+export FACESTUDIO_ROOT FACESTUDIO_PY COMFYUI_DIR
