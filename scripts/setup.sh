@@ -75,6 +75,11 @@ setup_stamp() {
     } | sha256sum | cut -d' ' -f1
 }
 
+pip_quiet() {
+    # pip warns once per package about this machine's local index folders; nothing to act on.
+    "$FACESTUDIO_PY" -m pip "$@" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
+}
+
 setup_venv() {
     if [ ! -x "$VENV/bin/python" ]; then
         log "creating virtual environment $VENV"
@@ -89,7 +94,7 @@ setup_venv() {
     log "installing dependencies into $VENV"
     local constraints="$VENV/facestudio-constraints.txt"
     printf '%s\n%s\n' "$TORCH_REQ" "$TORCHVISION_REQ" >"$constraints"
-    local pip=("$FACESTUDIO_PY" -m pip install -q --disable-pip-version-check -c "$constraints")
+    local pip=(pip_quiet install -q --disable-pip-version-check -c "$constraints")
     "${pip[@]}" "$TORCH_REQ"
     # torchaudio is optional for the host (two audio node modules) and its wheels are CUDA-linked.
     grep -v -E '^\s*torchaudio' "$COMFYUI_DIR/requirements.txt" >"$VENV/host-requirements.txt"

@@ -16,6 +16,10 @@ def pytest_configure(config):
     bootstrap.boot()
 
 
+def pytest_unconfigure(config):
+    bootstrap.remove_base_directory()
+
+
 @pytest.fixture(scope="session")
 def booted() -> bootstrap.BootedHost:
     return bootstrap.boot()
@@ -45,3 +49,30 @@ def comfy_server():
         yield server.start()
     finally:
         server.cleanup()
+
+
+# --- a tiny real-format SD1.5 checkpoint (tests/facestudio_testing/tiny_models.py) -----------
+@pytest.fixture(scope="session")
+def tiny_sd15_file(booted):
+    """The cached checkpoint file (generated on first use, about 3 s)."""
+    from facestudio_testing import tiny_models
+
+    return tiny_models.tiny_sd15_checkpoint()
+
+
+@pytest.fixture(scope="session")
+def tiny_sd15(booted, tiny_sd15_file) -> str:
+    """The tiny SD1.5 checkpoint installed in the in-process host; its CheckpointLoaderSimple name."""
+    from facestudio_testing import tiny_models
+
+    return tiny_models.install_checkpoint(booted.models)
+
+
+@pytest.fixture(scope="session")
+def server_with_checkpoint(comfy_server, tiny_sd15_file):
+    """`comfy_server` with the tiny SD1.5 checkpoint installed as tiny_models.CHECKPOINT_NAME.
+    Installing after start-up is fine: the host rescans a model folder whose mtime changed."""
+    from facestudio_testing import tiny_models
+
+    tiny_models.install_checkpoint(comfy_server.models)
+    return comfy_server

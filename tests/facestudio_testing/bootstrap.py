@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
+import shutil
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -88,3 +89,9 @@ def boot() -> BootedHost:
     spec.loader.exec_module(module)
     _BOOTED = BootedHost(comfy_dir=comfy_dir, base=base, pack_module_name=name)
     return _BOOTED
+
+
+def remove_base_directory() -> None:
+    """The in-process host's temp base directory (model links, outputs) goes with the session."""
+    if _BOOTED is not None:
+        shutil.rmtree(_BOOTED.base, ignore_errors=True)

@@ -1,0 +1,57 @@
+"""The pack inside the real ComfyUI server (main.py --cpu), driven over HTTP as a user's browser would."""
+from __future__ import annotations
+
+import io
+import re
+
+from PIL import Image
+
+from facestudio_testing import graphs, tiny_models
+from facestudio_testing.bootstrap import PACK_LINK_NAME
+from facestudio_testing.server import execution_error
+
+
+def test_text_to_image_over_http_returns_a_png_of_the_requested_size(server_with_checkpoint):
+    server = server_with_checkpoint
+    # Not square, so that swapped width and height cannot pass.
+    graph = graphs.txt2img(tiny_models.CHECKPOINT_NAME, width=64, height=96, steps=2, seed=7,
+                           filename_prefix="facestudio_http")
+    entry = server.run(graph.prompt)
+    assert execution_error(entry) is None, execution_error(entry)
+    assert entry["status"]["status_str"] == "success"
+    images = entry["outputs"][graph["save"]]["images"]
+    assert len(images) == 1 and images[0]["type"] == "output"
+
+    data = server.view(images[0]["filename"], images[0]["subfolder"])
+    assert data.startswith(b"\x89PNG\r\n\x1a\n")
+    image = Image.open(io.BytesIO(data))
+    image.load()  # decodes every chunk: a truncated or corrupt PNG fails here
+    assert image.format == "PNG"
+    assert image.size == (64, 96)  # PIL: (width, height)
+    assert image.mode == "RGB"
+
+
+def test_object_info_lists_every_pack_node(comfy_server, booted):
+    node_list = booted.pack_module("nodes").NODE_LIST
+    assert node_list, "the pack registers no nodes"
+    object_info = comfy_server.get_json("/object_info")
+    for node_cls in node_list:
+        node_id = node_cls.GET_SCHEMA().node_id
+        assert node_id in object_info, f"{node_id} missing from /object_info"
+        # Ours, not a same-named node of another pack.
+        assert object_info[node_id]["python_module"] == f"custom_nodes.{PACK_LINK_NAME}"
+
+
+def test_startup_log_shows_the_pack_loaded_without_import_errors(comfy_server):
+    log = comfy_server.log()
+    pack_path = re.escape(f"custom_nodes/{PACK_LINK_NAME}")
+    failures = [
+        line for line in log.splitlines()
+        if ("IMPORT FAILED" in line or "Cannot import" in line or "Skip " in line) and PACK_LINK_NAME in line
+        or "Error while calling comfy_entrypoint" in line
+        or "comfy_entrypoint in" in line  # the host's other entrypoint complaints
+    ]
+    assert not failures, "\n".join(failures)
+    # The host's "Import times for custom nodes" list names every pack it loaded.
+    assert "Import times for custom nodes:" in log
+    assert re.search(rf"^\s*\d+\.\d seconds: \S*{pack_path}\s*$", log, re.MULTILINE), log[-3000:]
