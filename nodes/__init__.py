@@ -1,2 +1,4 @@
 """ComfyUI node classes: thin V3 schemas that call encoders/ and attention/."""
-NODE_LIST = []
+from .adapter_loader import FaceStudioAdapterLoader
+
+NODE_LIST = [FaceStudioAdapterLoader]

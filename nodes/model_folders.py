@@ -9,7 +9,9 @@ import os
 
 import folder_paths
 
-IPADAPTER = "ipadapter"
+from ..attention.adapters import IPADAPTER_FOLDER
+
+IPADAPTER = IPADAPTER_FOLDER
 INSIGHTFACE = "insightface"
 CLIP_VISION = "clip_vision"
 
