@@ -4,4 +4,7 @@ set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/setup.sh"
 cd "$FACESTUDIO_ROOT"
 export COMFYUI_DIR
-exec "$FACESTUDIO_PY" -m pytest "$@"
+# --rootdir=tests: the pack root holds an __init__.py, and with the root in the collection tree
+# pytest imports it as a test package (a second copy of the pack, or an ImportError when the
+# clone's folder name is not an identifier). The ini file is still ./pyproject.toml.
+exec "$FACESTUDIO_PY" -m pytest -c pyproject.toml --rootdir=tests "$@"
