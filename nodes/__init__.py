@@ -1,4 +1,15 @@
 """ComfyUI node classes: thin V3 schemas that call encoders/ and attention/."""
 from .adapter_loader import FaceStudioAdapterLoader
+from .face_analyzer import FaceStudioFaceAnalyzerLoader
+from .identity import FaceStudioIdentityEncode, FaceStudioIdentityLoad, FaceStudioIdentityMix, FaceStudioIdentitySave
+from .style import FaceStudioStyleEncode
 
-NODE_LIST = [FaceStudioAdapterLoader]
+NODE_LIST = [
+    FaceStudioAdapterLoader,
+    FaceStudioFaceAnalyzerLoader,
+    FaceStudioIdentityEncode,
+    FaceStudioIdentityMix,
+    FaceStudioIdentitySave,
+    FaceStudioIdentityLoad,
+    FaceStudioStyleEncode,
+]

@@ -3,3 +3,9 @@ from comfy_api.latest import io
 
 # An IPAdapterWeights (attention/adapters.py): a recognised IP-Adapter FaceID / image-prompt file.
 FaceStudioAdapter = io.Custom("FACESTUDIO_ADAPTER")
+# A FaceAnalyzer (encoders/faces.py): an insightface detector + recognizer pair, loaded.
+FaceStudioFaceAnalyzer = io.Custom("FACESTUDIO_FACE_ANALYZER")
+# A FaceIdentity (encoders/identity.py): one person from one or more photos.
+FaceStudioIdentity = io.Custom("FACESTUDIO_IDENTITY")
+# A StyleEncoding (encoders/style.py): CLIP vision features of a style image.
+FaceStudioStyle = io.Custom("FACESTUDIO_STYLE")

@@ -1,0 +1,76 @@
+"""FaceStudio Load Face Analyzer: an insightface model pack from models/insightface/models/<name>."""
+import os
+
+from comfy_api.latest import io
+
+from ..encoders.faces import FaceModelError, load_face_analyzer
+from .model_folders import INSIGHTFACE
+from .types import FaceStudioFaceAnalyzer
+
+# The provider choices shown, and what each asks encoders.faces.resolve_providers for.
+PROVIDERS = {"auto": "auto", "CPU": "cpu", "CUDA": "cuda", "ROCm": "rocm", "CoreML": "coreml", "DirectML": "directml"}
+
+
+def pack_folders() -> list[str]:
+    """The host's insightface folders, each with '/models' appended (where packs go)."""
+    import folder_paths
+
+    if INSIGHTFACE not in folder_paths.folder_names_and_paths:
+        return []
+    return [os.path.join(path, "models") for path in folder_paths.get_folder_paths(INSIGHTFACE)]
+
+
+def pack_names() -> list[str]:
+    names = []
+    for folder in pack_folders():
+        if os.path.isdir(folder):
+            names += [n for n in sorted(os.listdir(folder)) if os.path.isdir(os.path.join(folder, n))]
+    return list(dict.fromkeys(names))
+
+
+def resolve_pack(name: str) -> str:
+    folders = pack_folders()
+    where = " or ".join(folders) or "models/insightface/models"
+    if not name or name in (".", "..") or "/" in name or "\\" in name:
+        raise FaceModelError(f"'{name}' is not a model pack folder name: pick one of the folders in {where}.")
+    for folder in folders:
+        candidate = os.path.join(folder, name)
+        if os.path.isdir(candidate):
+            return candidate
+    found = pack_names()
+    raise FaceModelError(
+        f"No insightface model pack '{name}' in {where}"
+        + (f" (found: {', '.join(found)})" if found else ": no pack found at all")
+        + f". Put a pack (e.g. buffalo_l or antelopev2, each a folder of .onnx files) in {where} and refresh."
+    )
+
+
+class FaceStudioFaceAnalyzerLoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="FaceStudioFaceAnalyzerLoader",
+            display_name="FaceStudio Load Face Analyzer",
+            category="FaceStudio/loaders",
+            description="Loads the face detector and recognizer of an insightface model pack "
+                        "(models/insightface/models/<name>).",
+            inputs=[
+                io.Combo.Input("pack", options=pack_names(),
+                               tooltip="An insightface model pack folder in models/insightface/models "
+                                       "(buffalo_l for IP-Adapter FaceID; antelopev2 also works)."),
+                io.Combo.Input("provider", options=list(PROVIDERS), default="auto",
+                               tooltip="Where the face models run. 'auto' picks the best one this onnxruntime has; "
+                                       "a provider that cannot start is reported in the log, not hidden."),
+                io.Int.Input("det_size", default=640, min=160, max=1280, step=32,
+                             tooltip="Detection size in pixels (square). 640 is the IP-Adapter reference."),
+            ],
+            outputs=[FaceStudioFaceAnalyzer.Output(display_name="face_analyzer",
+                                                   tooltip="The loaded detector and recognizer.")],
+        )
+
+    @classmethod
+    def execute(cls, pack: str, provider: str, det_size: int) -> io.NodeOutput:
+        if provider not in PROVIDERS:
+            raise FaceModelError(f"provider must be one of {', '.join(PROVIDERS)}, not {provider!r}")
+        analyzer = load_face_analyzer(resolve_pack(pack), providers=PROVIDERS[provider], det_size=(det_size, det_size))
+        return io.NodeOutput(analyzer)
