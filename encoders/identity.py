@@ -5,6 +5,15 @@ read-only. It keeps every used shot's embeddings and crops (Portrait adapters ta
 separate tokens; FaceID Plus takes the crops), and the combined embedding that single-token
 adapters take: the detection-score-weighted mean of the shots' unit embeddings, renormalized.
 
+FaceID Plus (v1/v2) adapters also take CLIP vision features of the aligned face crop (as in the
+IP-Adapter FaceID Plus reference code: the 224-px norm_crop through the CLIP image encoder, its
+penultimate hidden states). Given the host's CLIP vision model object (anything with
+`encode_image(image [N, H, W, 3] float 0..1)` returning `penultimate_hidden_states`; it is passed
+in, never imported), `encode_identity` stores each kept shot's penultimate hidden states
+(`clip_features`, (N, T, W)) and their combination (`combined_clip_features`, (T, W)): the same
+detection-score-weighted mean over the kept shots as the embedding, but not renormalized (hidden
+states are not unit vectors). The crop is square, so the host's crop/no-crop resize agree.
+
 With three or more shots, a shot whose cosine to the (renormalized) mean of the other shots is
 below `outlier_threshold` is dropped with a warning naming it: a wrong photo in the batch, or the
 wrong face chosen in a group photo. DEFAULT_OUTLIER_THRESHOLD is 0.4, from the trained SFace
@@ -88,12 +97,14 @@ class FaceIdentity:
     used: tuple[int, ...]
     dropped: tuple[DroppedShot, ...] = ()
     photo_count: int = 0
-    clip_features: np.ndarray | None = None  # (N, W) float32, per-shot CLIP image features
-    clip_width: int | None = None
+    clip_features: np.ndarray | None = None  # (N, T, W) float32: per-shot CLIP penultimate hidden states
+    clip_width: int | None = None  # W
+    combined_clip_features: np.ndarray | None = None  # (T, W) float32: score-weighted mean of clip_features
     format_version: int = FORMAT_VERSION
 
     def __post_init__(self):
-        for name in ("embeddings", "normed_embeddings", "embedding", "crops", "det_scores", "bboxes", "kps", "clip_features"):
+        for name in ("embeddings", "normed_embeddings", "embedding", "crops", "det_scores", "bboxes", "kps", "clip_features",
+                     "combined_clip_features"):
             value = getattr(self, name)
             if value is not None:
                 value.setflags(write=False)
@@ -113,8 +124,18 @@ class FaceIdentity:
                 raise IdentityError(f"identity {name} has shape {tuple(getattr(self, name).shape)}, expected {shape}")
         if self.crops.ndim != 4 or self.crops.shape[0] != n or self.crops.shape[3] != 3:
             raise IdentityError(f"identity crops have shape {tuple(self.crops.shape)}, expected ({n}, S, S, 3)")
-        if (self.clip_features is None) != (self.clip_width is None):
-            raise IdentityError("clip_features and clip_width go together")
+        clip_given = (self.clip_features is not None, self.clip_width is not None,
+                      self.combined_clip_features is not None)
+        if len(set(clip_given)) != 1:
+            raise IdentityError("clip_features, combined_clip_features and clip_width go together")
+        if self.clip_features is not None:
+            features, combined = self.clip_features, self.combined_clip_features
+            if features.ndim != 3 or features.shape[0] != n or features.shape[2] != self.clip_width:
+                raise IdentityError(f"identity clip_features have shape {tuple(features.shape)}, "
+                                    f"expected ({n}, T, {self.clip_width})")
+            if tuple(combined.shape) != tuple(features.shape[1:]):
+                raise IdentityError(f"identity combined_clip_features have shape {tuple(combined.shape)}, "
+                                    f"expected {tuple(features.shape[1:])}")
 
     @property
     def shot_count(self) -> int:
@@ -127,6 +148,9 @@ class FaceIdentity:
     def report(self) -> str:
         """A short human-readable account: shots used with their scores, shots dropped and why."""
         lines = [f"{self.shot_count} shot(s) used of {self.photo_count} photo(s); recognizer {self.recognizer}."]
+        if self.clip_width is not None:
+            lines.append(f"  CLIP vision features of the face crops: width {self.clip_width}, "
+                         f"{self.clip_features.shape[1]} tokens.")
         for i, index in enumerate(self.used):
             cos = float(self.normed_embeddings[i] @ self.embedding)
             lines.append(f"  image {index}: detection score {float(self.det_scores[i]):.3f}, cosine to identity {cos:.3f}")
@@ -155,6 +179,39 @@ def combine_embeddings(normed: np.ndarray, scores: np.ndarray) -> np.ndarray:
     if norm < CANCEL_NORM:
         raise IdentityError("the shots' embeddings cancel out: they cannot be one person")
     return (mean / norm).astype(np.float32)
+
+
+def combine_clip_features(features: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    """The detection-score-weighted mean of per-shot CLIP features (N, T, W) -> (T, W); not
+    renormalized. The same weights as combine_embeddings (equal weights when the scores sum to 0)."""
+    features = np.asarray(features, np.float64)
+    weights = np.asarray(scores, np.float64)
+    if weights.sum() <= 0:
+        weights = np.ones_like(weights)
+    return (np.tensordot(weights, features, axes=1) / weights.sum()).astype(np.float32)
+
+
+CLIP_BATCH = 16
+
+
+def encode_clip_crops(clip_vision, crops: np.ndarray) -> np.ndarray:
+    """The penultimate hidden states (N, T, W) float32 of uint8 RGB crops (N, S, S, 3), through the
+    host's CLIP vision model object (its `encode_image` does its own resize and normalization)."""
+    import torch
+
+    if not callable(getattr(clip_vision, "encode_image", None)):
+        raise IdentityError(f"expected a CLIP vision model (CLIP_VISION), got {type(clip_vision).__name__}")
+    out = []
+    for start in range(0, len(crops), CLIP_BATCH):
+        batch = torch.from_numpy(np.array(crops[start:start + CLIP_BATCH], np.float32)) / 255.0  # a writable copy
+        with torch.no_grad():
+            hidden = clip_vision.encode_image(batch)["penultimate_hidden_states"]
+        hidden = hidden.detach().to("cpu", torch.float32).numpy()
+        if hidden.ndim != 3 or hidden.shape[0] != batch.shape[0]:
+            raise IdentityError(f"unexpected CLIP vision output: penultimate_hidden_states of shape "
+                                f"{tuple(hidden.shape)} for {batch.shape[0]} crop(s)")
+        out.append(hidden)
+    return np.concatenate(out)
 
 
 def outlier_cosines(normed: np.ndarray) -> np.ndarray:
@@ -281,6 +338,7 @@ def encode_identity(
     base: FaceIdentity | None = None,
     cache: FaceCache | None = FACE_CACHE,
     progress=None,
+    clip_vision=None,
 ) -> FaceIdentity:
     """One identity from several photos of one person, one face ("shot") per photo.
 
@@ -288,6 +346,9 @@ def encode_identity(
     `on_missing`: "error" raises FaceNotFound naming the photo; "skip" logs a warning and records
     the photo in `dropped`. `base`: an identity to add these shots to (its photos keep their numbers,
     these continue after them). `progress(done, total)` is called after each photo.
+    `clip_vision`: the host's CLIP vision model, for FaceID Plus adapters: every kept shot's crop
+    (the base's too, so all shots come from the same model) is encoded; see the module docstring.
+    A base that has CLIP features needs it again, as every shot must have them.
     """
     if select not in ("largest", "index"):
         raise IdentityError(f"select must be 'largest' or 'index' for an identity (one face per photo), not {select!r}"
@@ -302,6 +363,12 @@ def encode_identity(
     if base is not None and base.recognizer != analyzer.recognizer_id:
         raise IdentityError(f"cannot add shots: the identity was made with {base.recognizer}, "
                             f"these photos are analysed with {analyzer.recognizer_id}")
+    if base is not None and base.clip_features is not None and clip_vision is None:
+        raise IdentityError(f"the identity these shots are added to has CLIP vision features (width {base.clip_width}, "
+                            "for FaceID Plus adapters), and every shot must have them: connect the same CLIP vision "
+                            "model to this Encode Identity node too")
+    if clip_vision is not None and not callable(getattr(clip_vision, "encode_image", None)):
+        raise IdentityError(f"expected a CLIP vision model (CLIP_VISION), got {type(clip_vision).__name__}")
     offset = base.photo_count if base is not None else 0
 
     faces: list[DetectedFace] = []
@@ -353,18 +420,27 @@ def encode_identity(
 
     normed_array = np.stack(normed).astype(np.float32)
     score_array = np.asarray(scores, np.float32)
+    crop_array = np.stack(crops).astype(np.uint8)
+    clip = combined_clip = clip_width = None
+    if clip_vision is not None:
+        clip = encode_clip_crops(clip_vision, crop_array)
+        clip_width = int(clip.shape[2])
+        combined_clip = combine_clip_features(clip, score_array)
     return FaceIdentity(
         embeddings=_readonly(np.stack(embeddings), np.float32),
         normed_embeddings=_readonly(normed_array, np.float32),
         embedding=_readonly(combine_embeddings(normed_array, score_array), np.float32),
         recognizer=analyzer.recognizer_id,
-        crops=_readonly(np.stack(crops), np.uint8),
+        crops=_readonly(crop_array, np.uint8),
         det_scores=_readonly(score_array, np.float32),
         bboxes=_readonly(np.stack(bboxes), np.float32),
         kps=_readonly(np.stack(kps), np.float32),
         used=tuple(int(i) for i in used),
         dropped=tuple(sorted(dropped, key=lambda d: d.image_index)),
         photo_count=offset + len(photos),
+        clip_features=None if clip is None else _readonly(clip, np.float32),
+        clip_width=clip_width,
+        combined_clip_features=None if combined_clip is None else _readonly(combined_clip, np.float32),
     )
 
 
@@ -376,8 +452,10 @@ def mix_identities(parts: Sequence[tuple[FaceIdentity, float]]) -> FaceIdentity:
 
     Parts with weight 0 are left out; with one part left, its identity comes back unchanged (so
     weights 1/0 give the first identity's embedding exactly). The shots of the mixed identities
-    (weight != 0) are kept, in order, for adapters that take shots as tokens. Raises IdentityError
-    when the recognizers differ or the mix cancels out.
+    (weight != 0) are kept, in order, for adapters that take shots as tokens. CLIP features (when
+    every mixed identity has them) mix with the same weights: sum(w * combined) / sum(w). Raises
+    IdentityError when the recognizers differ, the mix cancels out, or only some mixed identities
+    have CLIP features, or theirs differ in shape.
     """
     parts = [(identity, float(weight)) for identity, weight in parts if identity is not None]
     if not parts:
@@ -415,12 +493,24 @@ def mix_identities(parts: Sequence[tuple[FaceIdentity, float]]) -> FaceIdentity:
     for identity in identities:
         dropped += [DroppedShot(offset + d.image_index, d.reason) for d in identity.dropped]
         offset += identity.photo_count
-    clip = None
-    clip_width = identities[0].clip_width
-    if all(i.clip_features is not None and i.clip_width == clip_width for i in identities):
-        clip = cat("clip_features")
-    else:
-        clip_width = None
+    clip = combined_clip = clip_width = None
+    with_clip = [i.clip_features is not None for i in identities]
+    if any(with_clip) and not all(with_clip):
+        raise IdentityError(f"cannot mix identities with and without CLIP vision features ({sum(with_clip)} of the "
+                            f"{len(identities)} identities with a nonzero weight have them): encode them all with, "
+                            "or all without, a CLIP vision model")
+    if all(with_clip):
+        shapes = {tuple(i.clip_features.shape[1:]) for i in identities}
+        if len(shapes) != 1:
+            raise IdentityError("cannot mix identities whose CLIP vision features differ in shape "
+                                f"({', '.join(f'{t} tokens x width {w}' for t, w in sorted(shapes))}): encode them "
+                                "with the same CLIP vision model")
+        weight_sum = sum(w for _, w in active)
+        if abs(weight_sum) < CANCEL_NORM:
+            raise IdentityError("the mix weights sum to 0, so the CLIP vision features cannot be averaged. "
+                                "Change the weights.")
+        mixed = sum(w * i.combined_clip_features.astype(np.float64) for i, w in active) / weight_sum
+        clip, combined_clip, clip_width = cat("clip_features"), mixed.astype(np.float32), identities[0].clip_width
     crops = [i.crops for i in identities]
     if len({c.shape[1:] for c in crops}) != 1:
         raise IdentityError("cannot mix identities whose face crops differ in size")
@@ -438,6 +528,7 @@ def mix_identities(parts: Sequence[tuple[FaceIdentity, float]]) -> FaceIdentity:
         photo_count=offset,
         clip_features=clip,
         clip_width=clip_width,
+        combined_clip_features=combined_clip,
     )
 
 
@@ -457,6 +548,7 @@ def save_identity(identity: FaceIdentity, path: str | os.PathLike) -> Path:
     tensors["used"] = np.asarray(identity.used, np.int64)
     if identity.clip_features is not None:
         tensors["clip_features"] = np.ascontiguousarray(identity.clip_features)
+        tensors["combined_clip_features"] = np.ascontiguousarray(identity.combined_clip_features)
     metadata = {
         "format": FORMAT_NAME,
         "format_version": str(FORMAT_VERSION),
@@ -493,6 +585,9 @@ def load_identity(path: str | os.PathLike) -> FaceIdentity:
                             f"{FORMAT_VERSION}. Encode the photos again, or update FaceStudio.")
     required_meta = ("recognizer_file", "recognizer_sha256_16", "recognizer_dim", "photo_count", "dropped")
     missing = [k for k in required_meta if k not in metadata] + [k for k in _TENSORS + ("used",) if k not in tensors]
+    clip_names = ("clip_features", "combined_clip_features")
+    if any(k in tensors for k in clip_names) or metadata.get("clip_width"):
+        missing += [k for k in clip_names if k not in tensors] + ([] if metadata.get("clip_width") else ["clip_width"])
     if missing:
         raise IdentityError(f"{path.name} is incomplete: it lacks {', '.join(missing)}")
     for name, value in tensors.items():
@@ -511,6 +606,8 @@ def load_identity(path: str | os.PathLike) -> FaceIdentity:
             photo_count=int(metadata["photo_count"]),
             clip_features=_readonly(tensors["clip_features"], np.float32) if "clip_features" in tensors else None,
             clip_width=clip_width,
+            combined_clip_features=(_readonly(tensors["combined_clip_features"], np.float32)
+                                    if "combined_clip_features" in tensors else None),
         )
     except IdentityError as error:
         raise IdentityError(f"{path.name} is not a valid identity: {error}") from error

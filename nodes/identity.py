@@ -50,6 +50,11 @@ class FaceStudioIdentityEncode(io.ComfyNode):
                                        "-1 keeps every shot."),
                 FaceStudioIdentity.Input("identity", optional=True,
                                          tooltip="Optional: an identity to add these shots to."),
+                io.ClipVision.Input("clip_vision", optional=True,
+                                    tooltip="Optional: the CLIP vision model (ViT-H for the SD1.5 ones), needed for "
+                                            "FaceID Plus / Plus v2 adapters, which also take CLIP features of the "
+                                            "aligned face crop. Needed again when adding shots to an identity "
+                                            "that has them."),
             ],
             outputs=[
                 FaceStudioIdentity.Output(display_name="identity", tooltip="The person's identity."),
@@ -59,13 +64,14 @@ class FaceStudioIdentityEncode(io.ComfyNode):
 
     @classmethod
     def execute(cls, face_analyzer, image, face: str, index: int, on_missing: str, outlier_threshold: float,
-                identity=None) -> io.NodeOutput:
+                identity=None, clip_vision=None) -> io.NodeOutput:
         import comfy.utils
 
         bar = comfy.utils.ProgressBar(int(image.shape[0]))
         result = encode_identity(face_analyzer, image, select=face, index=index, on_missing=on_missing,
                                  outlier_threshold=outlier_threshold, base=identity,
-                                 progress=lambda done, total: bar.update_absolute(done, total))
+                                 progress=lambda done, total: bar.update_absolute(done, total),
+                                 clip_vision=clip_vision)
         return io.NodeOutput(result, result.report())
 
 

@@ -5,8 +5,10 @@ import os
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
+from facestudio_testing import clip_models
 from facestudio_testing import face_models as fm
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*estimate.*deprecated:FutureWarning")
@@ -187,3 +189,57 @@ def test_batch_is_several_shots_with_a_progress_bar(comfy_host, installed_pack, 
     identity = comfy_host.output(result, "5")
     assert identity.used == (0, 1) and identity.photo_count == 2
     assert calls == [(1, 2), (2, 2)]
+
+
+def test_encode_with_clip_vision_through_the_executor(comfy_host, installed_pack, photos, booted):
+    """Encode Identity fed by the host's CLIPVisionLoader (a seeded random ViT-L file, see clip_models)."""
+    import comfy.clip_vision
+
+    ident = booted.pack_module("encoders.identity")
+    name = clip_models.install_vitl(booted.models)
+    encode = encode_node("2")
+    encode["inputs"]["clip_vision"] = ["3", 0]
+    prompt = {
+        "1": analyzer_node(installed_pack),
+        "2": load_image("fs_a.png"),
+        "3": {"class_type": "CLIPVisionLoader", "inputs": {"clip_name": name}},
+        "4": encode,
+        "5": preview(["4", 1]),
+    }
+    result = comfy_host.run(prompt)
+    assert result.success, result.error
+    identity = comfy_host.output(result, "4")
+    assert isinstance(identity, ident.FaceIdentity) and identity.clip_width == 1024
+    assert identity.clip_features.shape == (1, 257, 1024) and np.isfinite(identity.clip_features).all()
+    assert "CLIP vision features" in comfy_host.output(result, "4", 1)
+    clip = comfy.clip_vision.load(str(booted.models / "clip_vision" / name))
+    direct = ident.encode_clip_crops(clip, identity.crops)
+    np.testing.assert_allclose(identity.combined_clip_features, direct[0], rtol=1e-4, atol=1e-4)
+
+
+def test_style_encode_through_the_executor(comfy_host, installed_pack, photos, booted):
+    """Encode Style fed by LoadImage and the host's CLIPVisionLoader, faces painted out by the analyzer."""
+    import comfy.clip_vision
+
+    style = booted.pack_module("encoders.style")
+    name = clip_models.install_vitl(booted.models)
+    prompt = {
+        "1": analyzer_node(installed_pack),
+        "2": load_image("fs_a.png"),
+        "3": {"class_type": "CLIPVisionLoader", "inputs": {"clip_name": name}},
+        "4": {"class_type": "FaceStudioStyleEncode",
+              "inputs": {"image": ["2", 0], "clip_vision": ["3", 0], "mask_margin": 0.25, "face_analyzer": ["1", 0]}},
+        "5": preview(["4", 0]),
+    }
+    result = comfy_host.run(prompt)
+    assert result.success, result.error
+    encoded = comfy_host.output(result, "4")
+    assert isinstance(encoded, style.StyleEncoding) and encoded.clip_width == 1024
+    assert encoded.penultimate_hidden_states.shape == (1, 257, 1024) and encoded.masked_faces == (1,)
+    assert torch.isfinite(encoded.image_embeds).all()
+    # The same image encoded outside the graph, faces unmasked, differs: the mask reached the encoder.
+    clip = comfy.clip_vision.load(str(booted.models / "clip_vision" / name))
+    image = comfy_host.output(comfy_host.run({"2": load_image("fs_a.png"), "5": preview(["2", 0])}), "2")
+    unmasked = style.encode_style(clip, image)
+    assert unmasked.masked_faces == (0,)
+    assert not torch.allclose(unmasked.image_embeds, encoded.image_embeds)

@@ -1,22 +1,14 @@
 """encoders/style.py and FaceStudio Encode Style, on a tiny seeded CLIP vision model built by the host's own class."""
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 import torch
 
+from facestudio_testing import clip_models
 from facestudio_testing import face_models as fm
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*estimate.*deprecated:FutureWarning")
-
-TINY_CLIP_CONFIG = {
-    "attention_dropout": 0.0, "dropout": 0.0, "hidden_act": "gelu", "hidden_size": 32, "image_size": 224,
-    "initializer_factor": 1.0, "initializer_range": 0.02, "intermediate_size": 64, "layer_norm_eps": 1e-05,
-    "model_type": "clip_vision_model", "num_attention_heads": 2, "num_channels": 3, "num_hidden_layers": 3,
-    "patch_size": 32, "projection_dim": 16, "torch_dtype": "float32",
-}
 
 
 @pytest.fixture(scope="module")
@@ -27,17 +19,7 @@ def style(booted):
 @pytest.fixture(scope="module")
 def tiny_clip(booted, tmp_path_factory):
     """comfy.clip_vision.ClipVisionModel (the host's CLIP_VISION object) at a tiny size, seeded weights."""
-    import comfy.clip_vision
-
-    config = tmp_path_factory.mktemp("clip") / "tiny_clip_vision.json"
-    config.write_text(json.dumps(TINY_CLIP_CONFIG))
-    model = comfy.clip_vision.ClipVisionModel(str(config))
-    generator = torch.Generator().manual_seed(0)
-    state = {k: torch.randn(v.shape, generator=generator) * 0.05 + (1.0 if "norm" in k and k.endswith("weight") else 0.0)
-             for k, v in model.get_sd().items()}
-    missing, unexpected = model.load_sd(state)
-    assert not unexpected
-    return model
+    return clip_models.tiny_clip_vision(tmp_path_factory.mktemp("clip"))
 
 
 @pytest.fixture(scope="module")
