@@ -1,5 +1,6 @@
 """ComfyUI node classes: thin V3 schemas that call encoders/ and attention/."""
 from .adapter_loader import FaceStudioAdapterLoader
+from .apply import FaceStudioApply, FaceStudioPerson
 from .face_analyzer import FaceStudioFaceAnalyzerLoader
 from .identity import FaceStudioIdentityEncode, FaceStudioIdentityLoad, FaceStudioIdentityMix, FaceStudioIdentitySave
 from .style import FaceStudioStyleEncode
@@ -12,4 +13,6 @@ NODE_LIST = [
     FaceStudioIdentitySave,
     FaceStudioIdentityLoad,
     FaceStudioStyleEncode,
+    FaceStudioPerson,
+    FaceStudioApply,
 ]

@@ -1,0 +1,67 @@
+"""FaceStudio Person and FaceStudio Apply: who goes where, then the routed attention on a MODEL."""
+from comfy_api.latest import io
+
+from ..attention.patch import add_person, apply_facestudio
+from .types import FaceStudioAdapter, FaceStudioIdentity, FaceStudioPersons, FaceStudioStyle
+
+
+class FaceStudioPerson(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="FaceStudioPerson",
+            display_name="FaceStudio Person",
+            category="FaceStudio/apply",
+            description="Adds one person (an identity, optionally confined to a mask) to a person list.",
+            inputs=[
+                FaceStudioIdentity.Input("identity", tooltip="The person's identity, from FaceStudio Encode Identity."),
+                io.Float.Input("weight", default=1.0, min=0.0, max=2.0, step=0.01,
+                               tooltip="How strongly the identity is applied. 0 leaves the image as without it."),
+                io.Float.Input("start", default=0.0, min=0.0, max=1.0, step=0.01,
+                               tooltip="Share of the sampling steps after which the person starts acting."),
+                io.Float.Input("end", default=1.0, min=0.0, max=1.0, step=0.01,
+                               tooltip="Share of the sampling steps after which the person stops acting."),
+                FaceStudioPersons.Input("persons", optional=True,
+                                        tooltip="Optional: the persons so far; this one is added after them."),
+                io.Mask.Input("mask", optional=True,
+                              tooltip="Optional: where this person goes (white). Without it, the whole image."),
+                io.Int.Input("mask_index", default=0, min=0, max=63,
+                             tooltip="Which mask of a mask batch belongs to this person."),
+            ],
+            outputs=[FaceStudioPersons.Output(display_name="persons", tooltip="The person list with this person added.")],
+        )
+
+    @classmethod
+    def execute(cls, identity, weight: float, start: float, end: float, persons=None, mask=None,
+                mask_index: int = 0) -> io.NodeOutput:
+        return io.NodeOutput(add_person(persons, identity, mask, mask_index, weight, start, end))
+
+
+class FaceStudioApply(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="FaceStudioApply",
+            display_name="FaceStudio Apply",
+            category="FaceStudio/apply",
+            description="FaceStudio's multi-identity cross-attention: each person's identity acts in its own region, "
+                        "the text everywhere, an optional style image on the whole picture.",
+            inputs=[
+                io.Model.Input("model", tooltip="The model to patch (it is cloned; the input stays unchanged)."),
+                FaceStudioAdapter.Input("adapter", tooltip="A FaceID (identity) adapter from FaceStudio Load Adapter."),
+                FaceStudioPersons.Input("persons", tooltip="The persons, from FaceStudio Person nodes."),
+                io.Float.Input("alpha", default=0.5, min=0.0, max=1.0, step=0.01,
+                               tooltip="Text vs style balance: below 0.5 the style fades, above 0.5 the text does."),
+                FaceStudioAdapter.Input("style_adapter", optional=True,
+                                        tooltip="Optional: an image-prompt (style) adapter for the style image."),
+                FaceStudioStyle.Input("style", optional=True, tooltip="Optional: from FaceStudio Encode Style."),
+                io.Float.Input("style_weight", default=1.0, min=0.0, max=2.0, step=0.01,
+                               tooltip="Strength of the style image."),
+            ],
+            outputs=[io.Model.Output(display_name="model", tooltip="The patched model.")],
+        )
+
+    @classmethod
+    def execute(cls, model, adapter, persons, alpha: float, style_weight: float = 1.0, style_adapter=None,
+                style=None) -> io.NodeOutput:
+        return io.NodeOutput(apply_facestudio(model, adapter, persons, alpha, style_adapter, style, style_weight))
