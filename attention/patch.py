@@ -11,6 +11,8 @@ merged replacement with both person lists, so all persons share one A_text and o
 """
 from __future__ import annotations
 
+import functools
+import inspect
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -82,11 +84,21 @@ class StyleLayer:
     scale: float
 
 
+@functools.lru_cache(maxsize=None)
+def _takes_transformer_options(function: Callable) -> bool:
+    # Hosts before about 0.3.60 have no transformer_options parameter on their attention functions.
+    parameters = inspect.signature(function).parameters.values()
+    return any(p.name == "transformer_options" or p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)
+
+
 def _host_attention(q, k, v, heads, extra_options):
     from comfy.ldm.modules import attention  # looked up per call: the host picks its kernel at start-up
 
-    return attention.optimized_attention(q, k, v, heads, attn_precision=extra_options.get("attn_precision"),
-                                         transformer_options=extra_options)
+    function = attention.optimized_attention
+    options = {"attn_precision": extra_options.get("attn_precision")}
+    if _takes_transformer_options(function):
+        options["transformer_options"] = extra_options
+    return function(q, k, v, heads, **options)
 
 
 class FaceStudioAttention:
