@@ -1,8 +1,6 @@
 """FaceStudio Person + Apply: the attn2 replacement on its own, then in the host's real executor."""
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import pytest
 import torch
@@ -11,6 +9,7 @@ from PIL import Image
 from facestudio_testing import adapter_files as af
 from facestudio_testing import face_models as fm
 from facestudio_testing import graphs
+from facestudio_testing.reference_attention import attend
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*estimate.*deprecated:FutureWarning")
 
@@ -18,16 +17,6 @@ FACEID = "fs_apply_faceid_sd15.safetensors"
 STYLE = "fs_apply_image_prompt_sd15.safetensors"
 PLUS = "fs_apply_" + af.release_file_name("faceid-plus", af.SD15, ".safetensors")
 NARROW_PACK = "tiny_scrfd_narrow128"
-
-
-def attend(q, k, v, heads):
-    b, n, c = q.shape
-    d = c // heads
-    qh = q.double().view(b, n, heads, d).transpose(1, 2)
-    kh = k.double().view(k.shape[0], -1, heads, d).transpose(1, 2)
-    vh = v.double().view(v.shape[0], -1, heads, d).transpose(1, 2)
-    p = torch.softmax(qh @ kh.transpose(-1, -2) / math.sqrt(d), -1)
-    return (p @ vh).transpose(1, 2).reshape(b, n, c)
 
 
 # ---- the replacement object alone ----

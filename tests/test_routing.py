@@ -9,6 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from facestudio_testing.reference_attention import attend
+
 
 @pytest.fixture(scope="module")
 def routing(booted):
@@ -16,17 +18,6 @@ def routing(booted):
 
 
 # ---- references: the formula written out, one plain attention per person, in float64 ----
-
-
-def attend(q, k, v, heads):
-    """softmax(q k^T / sqrt(d)) v over k's tokens only; [B, N, H*d] in and out."""
-    b, n, c = q.shape
-    d = c // heads
-    qh = q.double().view(b, n, heads, d).transpose(1, 2)
-    kh = k.double().view(k.shape[0], -1, heads, d).transpose(1, 2)
-    vh = v.double().view(v.shape[0], -1, heads, d).transpose(1, 2)
-    p = torch.softmax(qh @ kh.transpose(-1, -2) / math.sqrt(d), -1)
-    return (p @ vh).transpose(1, 2).reshape(b, n, c)
 
 
 def reference(q, a_text, persons, masks, heads, style=None, alpha=0.5):

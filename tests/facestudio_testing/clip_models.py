@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 
 from . import tiny_models
@@ -83,8 +82,6 @@ def vitl_state_dict(seed: int = 0) -> dict:
 
 def vitl_clip_vision_file(seed: int = 0) -> Path:
     """The cached ViT-L CLIP vision file for `seed`, generated on first use (about 2 s)."""
-    from safetensors.torch import save_file
-
     spec = json.dumps({"version": VITL_GENERATOR_VERSION, "seed": seed, "config": _vitl_config()}, sort_keys=True)
     digest = hashlib.sha256(spec.encode()).hexdigest()[:16]
     path = tiny_models.cache_dir() / f"clip_vision_vitl-v{VITL_GENERATOR_VERSION}-seed{seed}-{digest}.safetensors"
@@ -93,26 +90,10 @@ def vitl_clip_vision_file(seed: int = 0) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     with tiny_models._locked(path):
         if not path.is_file():
-            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-            os.close(fd)
-            try:
-                save_file(vitl_state_dict(seed), tmp, metadata={"facestudio_test_clip_vision": spec})
-                os.chmod(tmp, 0o644)
-                os.replace(tmp, path)
-            finally:
-                if os.path.exists(tmp):
-                    os.unlink(tmp)
+            tiny_models.save_atomically(vitl_state_dict(seed), path, {"facestudio_test_clip_vision": spec})
     return path
 
 
 def install_vitl(models_dir: str | os.PathLike, name: str = VITL_NAME, seed: int = 0) -> str:
-    """Symlinks the cached file into `<models_dir>/clip_vision/`; returns the name CLIPVisionLoader knows."""
-    target = vitl_clip_vision_file(seed)
-    link = Path(models_dir) / "clip_vision" / name
-    link.parent.mkdir(parents=True, exist_ok=True)
-    if link.is_symlink() or link.exists():
-        if link.resolve() == target.resolve():
-            return name
-        link.unlink()
-    link.symlink_to(target)
-    return name
+    """The cached file in `<models_dir>/clip_vision/`; returns the name CLIPVisionLoader knows."""
+    return tiny_models.link_model(vitl_clip_vision_file(seed), models_dir, "clip_vision", name)

@@ -205,21 +205,25 @@ def _locked(path: Path):
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
-def write_checkpoint(path: Path, seed: int = DEFAULT_SEED) -> Path:
-    """Writes the checkpoint to `path` atomically (temp file in the same folder, then rename)."""
+def save_atomically(tensors: dict, path: Path, metadata: dict[str, str]) -> None:
+    """A safetensors file written to a temp file in the same folder, then renamed: never half-written."""
     from safetensors.torch import save_file
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = state_dict(seed)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
     os.close(fd)
     try:
-        save_file(tensors, tmp, metadata={"facestudio_tiny_sd15": json.dumps(_spec(seed), sort_keys=True)})
+        save_file(tensors, tmp, metadata=metadata)
         os.chmod(tmp, 0o644)  # mkstemp makes it 0600; the cache may be shared
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def write_checkpoint(path: Path, seed: int = DEFAULT_SEED) -> Path:
+    """Writes the checkpoint to `path` atomically."""
+    save_atomically(state_dict(seed), path, {"facestudio_tiny_sd15": json.dumps(_spec(seed), sort_keys=True)})
     return path
 
 
@@ -235,12 +239,9 @@ def tiny_sd15_checkpoint(seed: int = DEFAULT_SEED) -> Path:
     return path
 
 
-def install_checkpoint(models_dir: str | os.PathLike, name: str = CHECKPOINT_NAME,
-                       seed: int = DEFAULT_SEED) -> str:
-    """Symlinks the cached checkpoint into `<models_dir>/checkpoints/`; returns the name the
-    host's CheckpointLoaderSimple knows it by."""
-    target = tiny_sd15_checkpoint(seed)
-    link = Path(models_dir) / "checkpoints" / name
+def link_model(target: Path, models_dir: str | os.PathLike, folder: str, name: str) -> str:
+    """Symlinks a cached file into `<models_dir>/<folder>/<name>`; returns `name`, as the host's loaders know it."""
+    link = Path(models_dir) / folder / name
     link.parent.mkdir(parents=True, exist_ok=True)
     if link.is_symlink() or link.exists():
         if link.resolve() == target.resolve():
@@ -248,3 +249,9 @@ def install_checkpoint(models_dir: str | os.PathLike, name: str = CHECKPOINT_NAM
         link.unlink()
     link.symlink_to(target)
     return name
+
+
+def install_checkpoint(models_dir: str | os.PathLike, name: str = CHECKPOINT_NAME,
+                       seed: int = DEFAULT_SEED) -> str:
+    """The cached checkpoint in `<models_dir>/checkpoints/`, for the host's CheckpointLoaderSimple."""
+    return link_model(tiny_sd15_checkpoint(seed), models_dir, "checkpoints", name)
