@@ -12,7 +12,9 @@ penultimate hidden states). Given the host's CLIP vision model object (anything 
 in, never imported), `encode_identity` stores each kept shot's penultimate hidden states
 (`clip_features`, (N, T, W)) and their combination (`combined_clip_features`, (T, W)): the same
 detection-score-weighted mean over the kept shots as the embedding, but not renormalized (hidden
-states are not unit vectors). The crop is square, so the host's crop/no-crop resize agree.
+states are not unit vectors). The crop is square, so the host's crop/no-crop resize agree. With them
+goes the same model's features of an all-zero normalized image (`unconditional_clip_features`, see
+encoders/clip_vision.py): the uncond branch of FaceID Plus, as in the reference code.
 
 With three or more shots, a shot whose cosine to the (renormalized) mean of the other shots is
 below `outlier_threshold` is dropped with a warning naming it: a wrong photo in the batch, or the
@@ -59,7 +61,9 @@ from .faces import (
 logger = logging.getLogger("FaceStudio.identity")
 
 FORMAT_NAME = "facestudio-identity"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+# Version 1 lacked unconditional_clip_features; its files without CLIP features read unchanged.
+READABLE_VERSIONS = ("1", "2")
 DEFAULT_OUTLIER_THRESHOLD = 0.4
 MIN_SHOTS_FOR_OUTLIERS = 3
 CROP_SIZE = 224
@@ -100,11 +104,12 @@ class FaceIdentity:
     clip_features: np.ndarray | None = None  # (N, T, W) float32: per-shot CLIP penultimate hidden states
     clip_width: int | None = None  # W
     combined_clip_features: np.ndarray | None = None  # (T, W) float32: score-weighted mean of clip_features
+    unconditional_clip_features: np.ndarray | None = None  # (T, W) float32: the same model's zero-image features
     format_version: int = FORMAT_VERSION
 
     def __post_init__(self):
         for name in ("embeddings", "normed_embeddings", "embedding", "crops", "det_scores", "bboxes", "kps", "clip_features",
-                     "combined_clip_features"):
+                     "combined_clip_features", "unconditional_clip_features"):
             value = getattr(self, name)
             if value is not None:
                 value.setflags(write=False)
@@ -125,17 +130,19 @@ class FaceIdentity:
         if self.crops.ndim != 4 or self.crops.shape[0] != n or self.crops.shape[3] != 3:
             raise IdentityError(f"identity crops have shape {tuple(self.crops.shape)}, expected ({n}, S, S, 3)")
         clip_given = (self.clip_features is not None, self.clip_width is not None,
-                      self.combined_clip_features is not None)
+                      self.combined_clip_features is not None, self.unconditional_clip_features is not None)
         if len(set(clip_given)) != 1:
-            raise IdentityError("clip_features, combined_clip_features and clip_width go together")
+            raise IdentityError("clip_features, combined_clip_features, unconditional_clip_features and clip_width "
+                                "go together")
         if self.clip_features is not None:
             features, combined = self.clip_features, self.combined_clip_features
             if features.ndim != 3 or features.shape[0] != n or features.shape[2] != self.clip_width:
                 raise IdentityError(f"identity clip_features have shape {tuple(features.shape)}, "
                                     f"expected ({n}, T, {self.clip_width})")
-            if tuple(combined.shape) != tuple(features.shape[1:]):
-                raise IdentityError(f"identity combined_clip_features have shape {tuple(combined.shape)}, "
-                                    f"expected {tuple(features.shape[1:])}")
+            for name in ("combined_clip_features", "unconditional_clip_features"):
+                if tuple(getattr(self, name).shape) != tuple(features.shape[1:]):
+                    raise IdentityError(f"identity {name} have shape {tuple(getattr(self, name).shape)}, "
+                                        f"expected {tuple(features.shape[1:])}")
 
     @property
     def shot_count(self) -> int:
@@ -421,11 +428,17 @@ def encode_identity(
     normed_array = np.stack(normed).astype(np.float32)
     score_array = np.asarray(scores, np.float32)
     crop_array = np.stack(crops).astype(np.uint8)
-    clip = combined_clip = clip_width = None
+    clip = combined_clip = clip_width = unconditional_clip = None
     if clip_vision is not None:
         clip = encode_clip_crops(clip_vision, crop_array)
         clip_width = int(clip.shape[2])
         combined_clip = combine_clip_features(clip, score_array)
+        unconditional_clip = _zero_image_features(clip_vision, clip.shape[1:])
+        if base is not None and base.clip_features is not None and (
+                base.clip_features.shape[1:] != clip.shape[1:]
+                or not np.array_equal(base.unconditional_clip_features, unconditional_clip)):
+            raise IdentityError("the identity these shots are added to was encoded with another CLIP vision model: "
+                                "connect the same CLIP vision model to this Encode Identity node")
     return FaceIdentity(
         embeddings=_readonly(np.stack(embeddings), np.float32),
         normed_embeddings=_readonly(normed_array, np.float32),
@@ -441,7 +454,21 @@ def encode_identity(
         clip_features=None if clip is None else _readonly(clip, np.float32),
         clip_width=clip_width,
         combined_clip_features=None if combined_clip is None else _readonly(combined_clip, np.float32),
+        unconditional_clip_features=None if unconditional_clip is None else _readonly(unconditional_clip, np.float32),
     )
+
+
+def _zero_image_features(clip_vision, shape) -> np.ndarray:
+    from .clip_vision import ClipVisionError, zero_image_hidden_states  # torch, only when CLIP is used
+
+    try:
+        hidden = zero_image_hidden_states(clip_vision)[0].numpy()
+    except ClipVisionError as error:
+        raise IdentityError(str(error)) from error
+    if hidden.shape != tuple(shape):
+        raise IdentityError(f"the CLIP vision model gives hidden states of shape {hidden.shape} for the zero image "
+                            f"but {tuple(shape)} for the face crops")
+    return hidden
 
 
 # ------------------------------------------------------------------------------------------------
@@ -493,7 +520,7 @@ def mix_identities(parts: Sequence[tuple[FaceIdentity, float]]) -> FaceIdentity:
     for identity in identities:
         dropped += [DroppedShot(offset + d.image_index, d.reason) for d in identity.dropped]
         offset += identity.photo_count
-    clip = combined_clip = clip_width = None
+    clip = combined_clip = clip_width = unconditional_clip = None
     with_clip = [i.clip_features is not None for i in identities]
     if any(with_clip) and not all(with_clip):
         raise IdentityError(f"cannot mix identities with and without CLIP vision features ({sum(with_clip)} of the "
@@ -505,6 +532,10 @@ def mix_identities(parts: Sequence[tuple[FaceIdentity, float]]) -> FaceIdentity:
             raise IdentityError("cannot mix identities whose CLIP vision features differ in shape "
                                 f"({', '.join(f'{t} tokens x width {w}' for t, w in sorted(shapes))}): encode them "
                                 "with the same CLIP vision model")
+        unconditional_clip = identities[0].unconditional_clip_features
+        if any(not np.array_equal(i.unconditional_clip_features, unconditional_clip) for i in identities[1:]):
+            raise IdentityError("cannot mix identities encoded with different CLIP vision models: encode them all "
+                                "with the same one")
         weight_sum = sum(w for _, w in active)
         if abs(weight_sum) < CANCEL_NORM:
             raise IdentityError("the mix weights sum to 0, so the CLIP vision features cannot be averaged. "
@@ -529,6 +560,7 @@ def mix_identities(parts: Sequence[tuple[FaceIdentity, float]]) -> FaceIdentity:
         clip_features=clip,
         clip_width=clip_width,
         combined_clip_features=combined_clip,
+        unconditional_clip_features=unconditional_clip,
     )
 
 
@@ -549,6 +581,7 @@ def save_identity(identity: FaceIdentity, path: str | os.PathLike) -> Path:
     if identity.clip_features is not None:
         tensors["clip_features"] = np.ascontiguousarray(identity.clip_features)
         tensors["combined_clip_features"] = np.ascontiguousarray(identity.combined_clip_features)
+        tensors["unconditional_clip_features"] = np.ascontiguousarray(identity.unconditional_clip_features)
     metadata = {
         "format": FORMAT_NAME,
         "format_version": str(FORMAT_VERSION),
@@ -580,12 +613,15 @@ def load_identity(path: str | os.PathLike) -> FaceIdentity:
     if metadata.get("format") != FORMAT_NAME:
         raise IdentityError(f"{path.name} is not a FaceStudio identity file (format {metadata.get('format')!r})")
     version = metadata.get("format_version")
-    if version != str(FORMAT_VERSION):
-        raise IdentityError(f"{path.name} is identity format version {version}; this FaceStudio reads version "
-                            f"{FORMAT_VERSION}. Encode the photos again, or update FaceStudio.")
+    if version not in READABLE_VERSIONS:
+        raise IdentityError(f"{path.name} is identity format version {version}; this FaceStudio reads versions "
+                            f"{', '.join(READABLE_VERSIONS)}. Encode the photos again, or update FaceStudio.")
+    if version == "1" and "clip_features" in tensors:
+        raise IdentityError(f"{path.name} was saved by an earlier FaceStudio without the unconditional CLIP features "
+                            "that FaceID Plus needs: encode the photos again (with the CLIP vision model) and save.")
     required_meta = ("recognizer_file", "recognizer_sha256_16", "recognizer_dim", "photo_count", "dropped")
     missing = [k for k in required_meta if k not in metadata] + [k for k in _TENSORS + ("used",) if k not in tensors]
-    clip_names = ("clip_features", "combined_clip_features")
+    clip_names = ("clip_features", "combined_clip_features", "unconditional_clip_features")
     if any(k in tensors for k in clip_names) or metadata.get("clip_width"):
         missing += [k for k in clip_names if k not in tensors] + ([] if metadata.get("clip_width") else ["clip_width"])
     if missing:
@@ -608,6 +644,8 @@ def load_identity(path: str | os.PathLike) -> FaceIdentity:
             clip_width=clip_width,
             combined_clip_features=(_readonly(tensors["combined_clip_features"], np.float32)
                                     if "combined_clip_features" in tensors else None),
+            unconditional_clip_features=(_readonly(tensors["unconditional_clip_features"], np.float32)
+                                         if "unconditional_clip_features" in tensors else None),
         )
     except IdentityError as error:
         raise IdentityError(f"{path.name} is not a valid identity: {error}") from error

@@ -4,6 +4,8 @@ The host's CLIP vision model does the encoding (`encode_image`, its own preproce
 short side to 224 and centre-crop); this module adds the FaceStudio part: optionally painting out
 the faces of the style image first, so the style reference gives its look (colour, medium,
 composition) without also pulling the generated face towards the face it happens to show.
+It also keeps the same model's features of an all-zero normalized image (encoders/clip_vision.py),
+the uncond branch of image-prompt Plus adapters.
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from .clip_vision import ClipVisionError, zero_image_hidden_states
 from .faces import FaceAnalyzer, FaceNotFound, detect_and_embed
 
 # Neutral gray: CLIP's preprocessing maps it near 0 in every channel (its means are 0.41-0.48).
@@ -31,6 +34,7 @@ class StyleEncoding:
     penultimate_hidden_states: torch.Tensor  # (B, T, W): what image-prompt "plus" adapters take
     clip_width: int  # W
     masked_faces: tuple[int, ...]  # faces painted out, per image
+    unconditional_hidden_states: torch.Tensor  # (1, T, W): the same model's zero-image features
 
     @property
     def batch_size(self) -> int:
@@ -86,5 +90,12 @@ def encode_style(clip_vision, images: torch.Tensor, *, analyzer: FaceAnalyzer | 
     if hidden.ndim != 3 or embeds.ndim != 2 or hidden.shape[0] != embeds.shape[0]:
         raise StyleError(f"unexpected CLIP vision outputs: image_embeds {tuple(embeds.shape)}, "
                          f"penultimate_hidden_states {tuple(hidden.shape)}")
+    try:
+        unconditional = zero_image_hidden_states(clip_vision)
+    except ClipVisionError as error:
+        raise StyleError(str(error)) from error
+    if unconditional.shape[1:] != hidden.shape[1:]:
+        raise StyleError(f"the CLIP vision model gives hidden states of shape {tuple(unconditional.shape[1:])} for "
+                         f"the zero image but {tuple(hidden.shape[1:])} for the style image")
     return StyleEncoding(image_embeds=embeds, penultimate_hidden_states=hidden, clip_width=int(hidden.shape[-1]),
-                         masked_faces=masked)
+                         masked_faces=masked, unconditional_hidden_states=unconditional)

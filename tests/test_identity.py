@@ -193,8 +193,11 @@ def test_bad_files_are_refused(ident, tiny, tmp_path):
         _rewrite(path, **changes)
         return path
 
-    with pytest.raises(ident.IdentityError, match="format version 2; this FaceStudio reads version 1"):
-        ident.load_identity(variant("v2.safetensors", metadata={"format_version": "2"}))
+    with pytest.raises(ident.IdentityError, match="format version 3; this FaceStudio reads versions 1, 2"):
+        ident.load_identity(variant("v3.safetensors", metadata={"format_version": "3"}))
+    # Version 1 had no unconditional CLIP features: its files without CLIP features still read.
+    old = ident.load_identity(variant("v1.safetensors", metadata={"format_version": "1"}))
+    np.testing.assert_array_equal(old.embedding, identity.embedding)
     nan = identity.embedding.copy()
     nan[3] = np.nan
     with pytest.raises(ident.IdentityError, match="NaN or infinite values in 'embedding'"):

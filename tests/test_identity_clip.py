@@ -120,7 +120,8 @@ def test_mixing_clip_features(ident, tiny, tiny_clip):
     narrow = ident.FaceIdentity(**{**{f: getattr(b, f) for f in (
         "embeddings", "normed_embeddings", "embedding", "recognizer", "crops", "det_scores", "bboxes", "kps",
         "used", "dropped", "photo_count")}, "clip_features": b.clip_features[:, :, :16].copy(), "clip_width": 16,
-        "combined_clip_features": b.combined_clip_features[:, :16].copy()})
+        "combined_clip_features": b.combined_clip_features[:, :16].copy(),
+        "unconditional_clip_features": b.unconditional_clip_features[:, :16].copy()})
     with pytest.raises(ident.IdentityError, match="differ in shape"):
         ident.mix_identities([(a, 0.5), (narrow, 0.5)])
 
