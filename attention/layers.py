@@ -26,6 +26,7 @@ class AttentionPosition:
     inner_width: int         # attn2.to_k out-features: what the adapter's to_k_ip must produce
     context_width: int       # attn2.to_k in-features: the text-context width
     module_path: str         # e.g. "input_blocks.1.1.transformer_blocks.0.attn2"
+    heads: int               # attn2.heads: how the patch's token layout splits the width
 
     @property
     def patch_key(self) -> tuple[str, int, int]:
@@ -68,7 +69,8 @@ def cross_attention_positions(model) -> tuple[AttentionPosition, ...]:
                         continue
                     inner, context = attn2.to_k.weight.shape
                     positions.append(AttentionPosition(block, index, t, int(inner), int(context),
-                                                       f"{path}.{child}.transformer_blocks.{t}.attn2"))
+                                                       f"{path}.{child}.transformer_blocks.{t}.attn2",
+                                                       int(attn2.heads)))
     return tuple(positions)
 
 

@@ -1,13 +1,18 @@
 """Install FaceStudio's routed attention (routing.py) on a ModelPatcher as attn2 replacements.
 
 Per Apply, every person's identity tokens (and the style's) are projected once and turned into each
-layer's K/V once (fp32, CPU); the attn2 replacement at a position only computes A_text with the host's
-attention (or a foreign replacement it wraps), picks the persons active at this step's sigma and calls
-`routing.route_chunks` (cond rows: each person's tokens; uncond rows: their unconditional tokens).
+layer's K/V once (fp32, on the offload device), then laid out for `routing.route` (one TokenGroups
+per layer and CFG side). Those tensors are the parameters of one `TokenStore` module that the MODEL
+carries as an additional model, so the host's model management loads it to the compute device with
+the UNet (counted in its memory budget) and offloads it with it; nothing is kept on a GPU behind the
+host's back. The attn2 replacement at a position computes A_text with the host's attention (or a
+foreign replacement it wraps), zeroes the weights of persons outside their [start, end] at each
+row's sigma, and calls `routing.route_chunks` (cond rows: each person's tokens; uncond rows: their
+unconditional tokens).
 
-The replacement objects are immutable (their caches only hold derived copies), so ModelPatcher.clone()
-shares them (`__deepcopy__` returns self). A second Apply on a model already carrying ours builds a
-merged replacement with both person lists, so all persons share one A_text and one routed call.
+The replacement objects are immutable, so ModelPatcher.clone() shares them (`__deepcopy__` returns
+self). A second Apply on a model already carrying ours builds merged replacements and one new store
+with both person lists, so all persons share one A_text and one routed call.
 """
 from __future__ import annotations
 
@@ -32,21 +37,24 @@ from .projection import (
 from .routing import TokenGroups, find_downscale, masks_to_tokens, route_chunks, text_gain
 
 KV = tuple[torch.Tensor, torch.Tensor]
+STORE_KEY = "facestudio_tokens"  # the MODEL's additional_models entry for the TokenStore
 
 
 @dataclass(frozen=True, eq=False)
 class Person:
-    """One person for FaceStudio Apply: an identity, where (mask), how strongly and when (0..1 of sampling)."""
+    """One person for FaceStudio Apply: an identity, where (mask), how strongly and when (0..1 of sampling).
+    `negative`: an identity whose tokens replace the unconditional ones (CFG pushes away from it)."""
 
     identity: object  # encoders.identity.FaceIdentity
     mask: torch.Tensor | None = None  # [1, h, w] soft, or None for the whole image
     weight: float = 1.0
     start: float = 0.0
     end: float = 1.0
+    negative: object | None = None
 
 
 def add_person(persons: Sequence[Person] | None, identity, mask: torch.Tensor | None = None, mask_index: int = 0,
-               weight: float = 1.0, start: float = 0.0, end: float = 1.0) -> tuple[Person, ...]:
+               weight: float = 1.0, start: float = 0.0, end: float = 1.0, negative=None) -> tuple[Person, ...]:
     """A new tuple: `persons` (never changed) plus this person. `mask` is a MASK batch; mask_index picks one."""
     if not 0.0 <= start <= end <= 1.0:
         raise ValueError(f"start and end must satisfy 0 <= start <= end <= 1, got start {start}, end {end}")
@@ -59,7 +67,7 @@ def add_person(persons: Sequence[Person] | None, identity, mask: torch.Tensor | 
             raise ValueError(f"mask_index {mask_index} is out of range: the mask batch has {mask.shape[0]} mask(s) "
                              f"(use 0..{mask.shape[0] - 1})")
         mask = mask[mask_index:mask_index + 1].detach().float().cpu().clone()
-    return tuple(persons or ()) + (Person(identity, mask, float(weight), float(start), float(end)),)
+    return tuple(persons or ()) + (Person(identity, mask, float(weight), float(start), float(end), negative),)
 
 
 @dataclass(frozen=True, eq=False)
@@ -73,15 +81,49 @@ class PersonLayer:
     sigma_end: float
     mask: torch.Tensor | None
 
-    def active(self, sigma: float | None) -> bool:
-        return sigma is None or self.sigma_end <= sigma <= self.sigma_start
-
 
 @dataclass(frozen=True, eq=False)
 class StyleLayer:
     cond: KV
     uncond: KV
     scale: float
+
+
+def _build_groups(persons: Sequence[PersonLayer], style: StyleLayer | None, heads: int) -> tuple[TokenGroups, ...]:
+    """(cond, uncond) TokenGroups of every person, then the style, at one layer."""
+    return tuple(
+        TokenGroups.build([(*getattr(p, side), p.weight) for p in persons], heads,
+                          None if style is None else (*getattr(style, side), style.scale))
+        for side in ("cond", "uncond"))
+
+
+class TokenStore(torch.nn.Module):
+    """Every layer's (cond, uncond) TokenGroups tensors of one Apply, as frozen parameters.
+
+    Parameters, not buffers: the host's ModelPatcher moves and sizes a module's parameters.
+    `groups(n)` rebuilds the small TokenGroups views around whatever device the host put them on.
+    """
+
+    def __init__(self, layers: Sequence[tuple[TokenGroups, TokenGroups]]):
+        super().__init__()
+        self.tensors = torch.nn.ParameterList()
+        self._layout = []
+        for pair in layers:
+            entry = []
+            for g in pair:
+                first = len(self.tensors)
+                for t in (g.keys, g.values) + (() if g.pad_bias is None else (g.pad_bias,)):
+                    self.tensors.append(torch.nn.Parameter(t, requires_grad=False))
+                entry.append((first, g.pad_bias is not None, g.weights, g.lengths, g.heads, g.style_scale))
+            self._layout.append(tuple(entry))
+
+    def groups(self, n: int) -> tuple[TokenGroups, TokenGroups]:
+        out = []
+        for first, padded, weights, lengths, heads, style_scale in self._layout[n]:
+            bias = self.tensors[first + 2].data if padded else None
+            out.append(TokenGroups(self.tensors[first].data, self.tensors[first + 1].data, bias, weights, lengths,
+                                   heads, style_scale))
+        return tuple(out)
 
 
 @functools.lru_cache(maxsize=None)
@@ -102,19 +144,26 @@ def _host_attention(q, k, v, heads, extra_options):
 
 
 class FaceStudioAttention:
-    """The attn2 replacement at one position: `patch(q, k, v, extra_options)` -> [B, Nq, H*d] before to_out."""
+    """The attn2 replacement at one position: `patch(q, k, v, extra_options)` -> [B, Nq, H*d] before to_out.
+
+    Bound to a TokenStore (`store`, `index`) when installed by apply_facestudio; unbound (tests, or a
+    head count the store was not built for) it lays its tokens out itself, once per head count.
+    """
 
     is_facestudio_attention = True
 
     def __init__(self, persons: Sequence[PersonLayer], style: StyleLayer | None, alpha: float,
-                 wrapped: Callable | None = None):
+                 wrapped: Callable | None = None, store: TokenStore | None = None, index: int | None = None):
         text_gain(alpha)  # validates alpha
         self.persons = tuple(persons)
         self.style = style
         self.alpha = float(alpha)
         self.wrapped = wrapped
-        self._groups: dict = {}   # (active, heads) -> (cond TokenGroups, uncond TokenGroups)
-        self._regions: dict = {}  # (active, latent hw, Nq, batch, device) -> region weights
+        self.store, self.index = store, index
+        self._sigma_bounds = torch.tensor([[p.sigma_end, p.sigma_start] for p in self.persons],
+                                          dtype=torch.float64).reshape(-1, 2)
+        self._groups: dict = {}   # heads -> (cond, uncond) TokenGroups, when unbound
+        self._regions: dict = {}  # (latent hw, Nq, batch, device) -> region weights [B or 1, Nq or 1, P]
 
     def __deepcopy__(self, memo):
         return self
@@ -123,7 +172,7 @@ class FaceStudioAttention:
         return self
 
     def merged_with(self, other: "FaceStudioAttention") -> "FaceStudioAttention":
-        """One replacement with this one's persons, then other's (same A_text, one routed call)."""
+        """One (unbound) replacement with this one's persons, then other's (same A_text, one routed call)."""
         if self.style is not None and other.style is not None:
             raise ValueError("Both FaceStudio Apply nodes have a style: connect a style to only one of them.")
         if self.alpha != other.alpha:
@@ -132,35 +181,46 @@ class FaceStudioAttention:
         return FaceStudioAttention(self.persons + other.persons, self.style or other.style, self.alpha, self.wrapped)
 
     def wrapping(self, wrapped: Callable) -> "FaceStudioAttention":
-        return FaceStudioAttention(self.persons, self.style, self.alpha, wrapped)
+        return FaceStudioAttention(self.persons, self.style, self.alpha, wrapped, self.store, self.index)
 
-    def _token_groups(self, active: tuple[int, ...], heads: int) -> tuple[TokenGroups, TokenGroups]:
-        key = (active, heads)
-        groups = self._groups.get(key)
+    def bound_to(self, store: TokenStore, index: int) -> "FaceStudioAttention":
+        return FaceStudioAttention(self.persons, self.style, self.alpha, self.wrapped, store, index)
+
+    def token_groups(self, heads: int) -> tuple[TokenGroups, TokenGroups]:
+        if self.store is not None:
+            groups = self.store.groups(self.index)
+            if groups[0].heads == heads:
+                return groups
+        groups = self._groups.get(heads)
         if groups is None:
-            chosen = [self.persons[i] for i in active]
-            style = self.style
-            groups = tuple(
-                TokenGroups.build([(*getattr(p, side), p.weight) for p in chosen], heads,
-                                  None if style is None else (*getattr(style, side), style.scale))
-                for side in ("cond", "uncond"))
-            self._groups[key] = groups
+            groups = self._groups[heads] = _build_groups(self.persons, self.style, heads)
         return groups
 
-    def _region_weights(self, active, groups: TokenGroups, latent_hw, nq: int, batch: int, device):
-        key = (active, latent_hw, nq, batch, device)
+    def _region_weights(self, groups: TokenGroups, latent_hw, nq: int, batch: int, device):
+        key = (latent_hw, nq, batch, device)
         regions = self._regions.get(key)
         if regions is None:
-            masks = [self.persons[i].mask for i in active]
+            masks = [p.mask for p in self.persons]
             if any(m is not None for m in masks):
                 downscale = find_downscale(latent_hw, nq)
                 masks = [None if m is None else masks_to_tokens(m, latent_hw, downscale, batch).to(device)
                          for m in masks]
             else:
                 masks = [None] * len(masks)
-            regions = groups.to(device, torch.float32).region_weights(masks).to(device)
-            self._regions[key] = regions
+            regions = self._regions[key] = groups.region_weights(masks).to(device)
         return regions
+
+    def _activity(self, sigmas: torch.Tensor | None) -> torch.Tensor | None:
+        """[S, 1, P] 1/0: person p acts at row s's sigma (S = 1 when the rows share one sigma), or None
+        when every person acts everywhere."""
+        if sigmas is None or not self.persons:
+            return None
+        s = sigmas.detach().reshape(-1).double().cpu()
+        if (s == s[0]).all():
+            s = s[:1]
+        bounds = self._sigma_bounds
+        active = (bounds[:, 0] <= s[:, None]) & (s[:, None] <= bounds[:, 1])  # [S, P]
+        return None if active.all() else active.float()[:, None, :]
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extra_options: dict) -> torch.Tensor:
         heads = extra_options["n_heads"]
@@ -168,29 +228,34 @@ class FaceStudioAttention:
             a_text = self.wrapped(q, k, v, extra_options)
         else:
             a_text = _host_attention(q, k, v, heads, extra_options)
-        sigmas = extra_options.get("sigmas")
-        sigma = None if sigmas is None else float(sigmas.reshape(-1)[0])
-        active = tuple(i for i, p in enumerate(self.persons) if p.active(sigma))
-        if not active and self.style is None:
+        activity = self._activity(extra_options.get("sigmas"))
+        if self.style is None and (not self.persons or (activity is not None and not activity.any())):
             return a_text
         chunks = list(extra_options.get("cond_or_uncond") or [0])
-        cond, uncond = self._token_groups(active, heads)
-        groups = [uncond if c == 1 else cond for c in chunks]
+        cond, uncond = self.token_groups(heads)
         batch = q.shape[0] // len(chunks)
         shape = extra_options.get("original_shape")
         latent_hw = tuple(int(x) for x in shape[-2:]) if shape is not None else (q.shape[1], 1)
-        regions = self._region_weights(active, cond, latent_hw, q.shape[1], batch, q.device)
-        return route_chunks(q, a_text, groups, regions, alpha=self.alpha)
+        regions = self._region_weights(cond, latent_hw, q.shape[1], batch, q.device)
+        if activity is not None:
+            if activity.shape[0] not in (1, batch):
+                raise ValueError(f"{activity.shape[0]} sigmas for a latent batch of {batch}")
+            regions = regions * activity.to(regions.device)
+        precision = extra_options.get("attn_precision") or torch.float32
+        if precision not in (torch.float32, torch.float64):
+            precision = torch.float32  # scores in fp32 at least: half-precision softmax over tokens overflows
+        return route_chunks(q, a_text, [uncond if c == 1 else cond for c in chunks], regions, alpha=self.alpha,
+                            precision=precision)
 
 
 # --- building from an adapter and identities ------------------------------------------------------
 
-def _identity_inputs(adapter: IPAdapterWeights, identity) -> tuple[torch.Tensor, torch.Tensor | None, int]:
-    """(embeddings, clip features, shots) the adapter's projection takes from one identity."""
+def _identity_inputs(adapter: IPAdapterWeights, identity, what: str = "The identity"):
+    """(embeddings, clip features, unconditional clip features, shots) the adapter's projection takes."""
     width = adapter.id_embedding_width
     if identity.embedding_dim != width:
         raise AdapterError(
-            f"The identity was made with a {identity.embedding_dim}-wide face recognizer ({identity.recognizer}), "
+            f"{what} was made with a {identity.embedding_dim}-wide face recognizer ({identity.recognizer}), "
             f"but {adapter.source} reads {width}-wide ArcFace embeddings: encode the identity with an ArcFace "
             f"pack such as buffalo_l or antelopev2.")
     kind = adapter.kind
@@ -200,13 +265,41 @@ def _identity_inputs(adapter: IPAdapterWeights, identity) -> tuple[torch.Tensor,
         emb = identity.embeddings
     else:
         emb = identity.embedding[None]
-    clip = None
+    clip = uncond_clip = None
     if kind in (AdapterKind.FACEID_PLUS, AdapterKind.FACEID_PLUS_V2):
         if identity.combined_clip_features is None:
-            raise AdapterError(f"{adapter.source} is {kind.label}, which also reads CLIP vision features of the face: "
-                               "connect a CLIP vision model (ViT-H) to FaceStudio Encode Identity and encode again.")
+            raise AdapterError(f"{adapter.source} is {kind.label}, which also reads CLIP vision features of the face "
+                               f"({what.lower()} has none): connect a CLIP vision model (ViT-H) to FaceStudio Encode "
+                               "Identity and encode again.")
         clip = torch.from_numpy(np.array(identity.combined_clip_features, np.float32))[None]
-    return torch.from_numpy(np.array(emb, np.float32)), clip, emb.shape[0]
+        uncond_clip = torch.from_numpy(np.array(identity.unconditional_clip_features, np.float32))[None]
+    return torch.from_numpy(np.array(emb, np.float32)), clip, uncond_clip, emb.shape[0]
+
+
+def _person_tokens(adapter: IPAdapterWeights, module, person: Person) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cond, uncond) identity tokens: uncond from a zero embedding (and zero-image CLIP features),
+    or the person's negative identity."""
+    emb, clip, uncond_clip, shots = _identity_inputs(adapter, person.identity)
+    cond = identity_tokens(adapter, emb, clip, module=module)
+    if person.negative is not None:
+        n_emb, n_clip, _, _ = _identity_inputs(adapter, person.negative, "The negative identity")
+        return cond, identity_tokens(adapter, n_emb, n_clip, module=module)
+    return cond, unconditional_identity_tokens(adapter, uncond_clip, shots=shots, module=module)
+
+
+def _style_features(adapter: IPAdapterWeights, style, what: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(features the adapter takes, its zero-image features or None for plain image-prompt)."""
+    if style.batch_size != 1:
+        raise ValueError(f"{what} holds {style.batch_size} images; FaceStudio Apply takes one style image: encode "
+                         "a single image (or pick one with an image batch node).")
+    plain = adapter.kind is AdapterKind.IMAGE_PROMPT
+    features = (style.image_embeds if plain else style.penultimate_hidden_states).float().cpu()
+    if features.shape[-1] != adapter.clip_width:
+        raise AdapterError(f"{what} was encoded with a CLIP vision model whose {'image embeds' if plain else 'hidden states'} "
+                           f"are {features.shape[-1]} wide, but {adapter.source} reads {adapter.clip_width}: encode it "
+                           "with the CLIP vision model the adapter was trained with (ViT-H for SD1.5 and most SDXL "
+                           "adapters, ViT-bigG for the original SDXL one).")
+    return features, None if plain else style.unconditional_hidden_states.float().cpu()
 
 
 def _sigma(model, percent: float) -> float:
@@ -214,8 +307,11 @@ def _sigma(model, percent: float) -> float:
 
 
 def apply_facestudio(model, adapter: IPAdapterWeights, persons: Sequence[Person], alpha: float = 0.5,
-                     style_adapter: IPAdapterWeights | None = None, style=None, style_weight: float = 1.0):
-    """A clone of `model` with FaceStudio's routed attention at every cross-attention position."""
+                     style_adapter: IPAdapterWeights | None = None, style=None, style_weight: float = 1.0,
+                     negative_style=None):
+    """A clone of `model` with FaceStudio's routed attention at every cross-attention position.
+
+    negative_style: a StyleEncoding whose tokens replace the style's unconditional ones."""
     if not adapter.is_identity:
         raise AdapterError(f"{adapter.source} is {adapter.kind.label}, a style (image-prompt) adapter: connect a "
                            "FaceID adapter as 'adapter' and this one as 'style_adapter'.")
@@ -224,33 +320,38 @@ def apply_facestudio(model, adapter: IPAdapterWeights, persons: Sequence[Person]
                            "connect an image-prompt (style) adapter as 'style_adapter' and this one as 'adapter'.")
     if (style_adapter is None) != (style is None):
         raise ValueError("A style needs both 'style_adapter' and 'style' connected (or neither).")
+    if negative_style is not None and style is None:
+        raise ValueError("'negative_style' only acts on a style: connect 'style' and 'style_adapter' too, or "
+                         "disconnect 'negative_style'.")
     if not persons:
         raise ValueError("No persons: add at least one with FaceStudio Person.")
     text_gain(alpha)
-    mapped = map_adapter_layers(adapter, cross_attention_positions(model))
+    positions = cross_attention_positions(model)
+    mapped = map_adapter_layers(adapter, positions)
 
     module = projection_for(adapter)
     person_kv = []
     for p in persons:
-        emb, clip, shots = _identity_inputs(adapter, p.identity)
-        cond = identity_tokens(adapter, emb, clip, module=module)
-        uncond = unconditional_identity_tokens(adapter, None if clip is None else torch.zeros_like(clip),
-                                               shots=shots, module=module)
+        cond, uncond = _person_tokens(adapter, module, p)
         person_kv.append((layer_kv(adapter, cond), layer_kv(adapter, uncond),
                           p, _sigma(model, p.start), _sigma(model, p.end)))
 
     style_kv = None
     if style is not None:
-        map_adapter_layers(style_adapter, cross_attention_positions(model))
+        map_adapter_layers(style_adapter, positions)
         smodule = projection_for(style_adapter)
-        features = (style.image_embeds if style_adapter.kind is AdapterKind.IMAGE_PROMPT
-                    else style.penultimate_hidden_states)[:1].float().cpu()
-        zero = None if style_adapter.kind is AdapterKind.IMAGE_PROMPT else torch.zeros_like(features)
+        features, zero = _style_features(style_adapter, style, "The style")
+        if negative_style is not None:
+            uncond = style_tokens(style_adapter, _style_features(style_adapter, negative_style,
+                                                                 "The negative style")[0], smodule)
+        else:
+            uncond = unconditional_style_tokens(style_adapter, zero, smodule)
         style_kv = (layer_kv(style_adapter, style_tokens(style_adapter, features, smodule)),
-                    layer_kv(style_adapter, unconditional_style_tokens(style_adapter, zero, smodule)))
+                    layer_kv(style_adapter, uncond))
 
     clone = model.clone()
     existing = clone.model_options.get("transformer_options", {}).get("patches_replace", {}).get("attn2", {})
+    patches = []
     for n, layer in enumerate(mapped):
         people = [PersonLayer(cond[n], uncond[n], p.weight, s_start, s_end, p.mask)
                   for cond, uncond, p, s_start, s_end in person_kv]
@@ -262,5 +363,14 @@ def apply_facestudio(model, adapter: IPAdapterWeights, persons: Sequence[Person]
             patch = previous.merged_with(patch)
         elif previous is not None:
             patch = patch.wrapping(previous)
-        clone.set_model_attn2_replace(patch, *key)
+        patches.append(patch)
+
+    # One store per MODEL: a chained Apply's merged store replaces the earlier one.
+    store = TokenStore([_build_groups(p.persons, p.style, pos.heads) for p, pos in zip(patches, positions)])
+    import comfy.model_patcher
+
+    clone.set_additional_models(STORE_KEY, [comfy.model_patcher.ModelPatcher(
+        store, load_device=model.load_device, offload_device=model.offload_device)])
+    for n, (patch, layer) in enumerate(zip(patches, mapped)):
+        clone.set_model_attn2_replace(patch.bound_to(store, n), *layer.position.patch_key)
     return clone

@@ -27,14 +27,17 @@ class FaceStudioPerson(io.ComfyNode):
                               tooltip="Optional: where this person goes (white). Without it, the whole image."),
                 io.Int.Input("mask_index", default=0, min=0, max=63,
                              tooltip="Which mask of a mask batch belongs to this person."),
+                FaceStudioIdentity.Input("negative_identity", optional=True,
+                                         tooltip="Optional: an identity to steer this person away from (it replaces "
+                                                 "the neutral identity in the negative/unconditional pass)."),
             ],
             outputs=[FaceStudioPersons.Output(display_name="persons", tooltip="The person list with this person added.")],
         )
 
     @classmethod
     def execute(cls, identity, weight: float, start: float, end: float, persons=None, mask=None,
-                mask_index: int = 0) -> io.NodeOutput:
-        return io.NodeOutput(add_person(persons, identity, mask, mask_index, weight, start, end))
+                mask_index: int = 0, negative_identity=None) -> io.NodeOutput:
+        return io.NodeOutput(add_person(persons, identity, mask, mask_index, weight, start, end, negative_identity))
 
 
 class FaceStudioApply(io.ComfyNode):
@@ -57,11 +60,15 @@ class FaceStudioApply(io.ComfyNode):
                 FaceStudioStyle.Input("style", optional=True, tooltip="Optional: from FaceStudio Encode Style."),
                 io.Float.Input("style_weight", default=1.0, min=0.0, max=2.0, step=0.01,
                                tooltip="Strength of the style image."),
+                FaceStudioStyle.Input("negative_style", optional=True,
+                                      tooltip="Optional: a style to steer away from (replaces the neutral image in "
+                                              "the negative/unconditional pass); needs 'style'."),
             ],
             outputs=[io.Model.Output(display_name="model", tooltip="The patched model.")],
         )
 
     @classmethod
     def execute(cls, model, adapter, persons, alpha: float, style_weight: float = 1.0, style_adapter=None,
-                style=None) -> io.NodeOutput:
-        return io.NodeOutput(apply_facestudio(model, adapter, persons, alpha, style_adapter, style, style_weight))
+                style=None, negative_style=None) -> io.NodeOutput:
+        return io.NodeOutput(apply_facestudio(model, adapter, persons, alpha, style_adapter, style, style_weight,
+                                              negative_style))

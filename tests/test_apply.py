@@ -4,9 +4,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 from facestudio_testing import adapter_files as af
+from facestudio_testing import clip_models
 from facestudio_testing import face_models as fm
 from facestudio_testing import graphs
 from facestudio_testing.reference_attention import attend
@@ -15,6 +18,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:.*estimate.*deprecated:FutureWar
 
 FACEID = "fs_apply_faceid_sd15.safetensors"
 STYLE = "fs_apply_image_prompt_sd15.safetensors"
+STYLE_VITL = "fs_apply_image_prompt_vitl_sd15.safetensors"  # reads ViT-L's 768-wide image embeds
 PLUS = "fs_apply_" + af.release_file_name("faceid-plus", af.SD15, ".safetensors")
 NARROW_PACK = "tiny_scrfd_narrow128"
 
@@ -79,6 +83,77 @@ def test_a_foreign_replacement_is_wrapped_for_a_text_and_ours_are_merged(booted)
         ours.merged_with(patch_mod.FaceStudioAttention([layer], None, 0.7))
 
 
+CHUNK_ORDERS = ([0], [1], [0, 1], [1, 0], [0, 0, 1])
+
+
+@settings(max_examples=40, deadline=None)
+@given(batch=st.integers(1, 3), latent=st.tuples(st.integers(1, 17), st.integers(1, 17)),
+       downscale=st.sampled_from([1, 2, 4]), persons=st.integers(0, 5), chunks=st.sampled_from(CHUNK_ORDERS),
+       with_style=st.booleans(), shared_sigma=st.booleans(), seed=st.integers(0, 2**31 - 1))
+def test_random_calls_are_finite_and_exact_where_nobody_acts(booted, batch, latent, downscale, persons, chunks,
+                                                             with_style, shared_sigma, seed):
+    patch_mod, routing = booted.pack_module("attention.patch"), booted.pack_module("attention.routing")
+    from comfy.ldm.modules import attention
+
+    heads, c = 2, 16
+    gen = torch.Generator().manual_seed(seed)
+    grid = routing.token_grid(latent, downscale)
+    n = grid[0] * grid[1]
+
+    def kv(tokens):
+        return torch.randn(1, tokens, c, generator=gen), torch.randn(1, tokens, c, generator=gen)
+
+    people, reach = [], []
+    for _ in range(persons):
+        low, high = sorted((torch.rand(2, generator=gen) * 10).tolist())
+        kind = int(torch.randint(0, 3, (), generator=gen))
+        mask = [None, torch.zeros(1, 9, 7), torch.rand(1, 9, 7, generator=gen).round()][kind]
+        weight = [0.0, 1.0, 1.7][int(torch.randint(0, 3, (), generator=gen))]
+        t = int(torch.randint(1, 6, (), generator=gen))
+        people.append(patch_mod.PersonLayer(kv(t), kv(t + 1), weight, high, low, mask))
+        tokens = torch.ones(batch, n) if mask is None else routing.masks_to_tokens(mask, latent, downscale, batch)
+        reach.append((low, high, weight, tokens))
+    style = patch_mod.StyleLayer(kv(3), kv(3), 0.8) if with_style else None
+    patch = patch_mod.FaceStudioAttention(people, style, 0.5)
+    sigmas = torch.full((batch,), 5.0) if shared_sigma else torch.rand(batch, generator=gen) * 10
+    rows = len(chunks) * batch
+    q = torch.randn(rows, n, c, generator=gen) * 10
+    k, v = torch.randn(rows, 5, c, generator=gen), torch.randn(rows, 5, c, generator=gen)
+    extra = {"n_heads": heads, "cond_or_uncond": chunks, "sigmas": sigmas, "original_shape": [rows, 4, *latent]}
+    out = patch(q, k, v, extra)
+    a_text = attention.optimized_attention(q, k, v, heads)
+    assert out.shape == q.shape and torch.isfinite(out).all()
+
+    idle = torch.ones(batch, n, dtype=torch.bool)  # no active person reaches (row, token)
+    for low, high, weight, tokens in reach:
+        active = ((low <= sigmas) & (sigmas <= high))[:, None]
+        idle &= ~(active & (tokens > 0) & (weight != 0))
+    for chunk, side in enumerate(chunks):
+        part = slice(chunk * batch, (chunk + 1) * batch)
+        expected = a_text[part]
+        if style is not None:
+            kk, vv = getattr(style, "uncond" if side == 1 else "cond")
+            expected = (expected.double() + 0.8 * attend(q[part], kk, vv, heads)).float()
+            torch.testing.assert_close(out[part][idle], expected[idle], atol=1e-5, rtol=1e-5)
+        else:
+            assert torch.equal(out[part][idle], expected[idle])
+
+
+def test_each_row_follows_its_own_sigma(booted):
+    patch_mod = booted.pack_module("attention.patch")
+    from comfy.ldm.modules import attention
+
+    gen = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(4, 16, 8, generator=gen) for _ in range(3))
+    kv = (torch.randn(1, 4, 8, generator=gen), torch.randn(1, 4, 8, generator=gen))
+    patch = patch_mod.FaceStudioAttention([patch_mod.PersonLayer(kv, kv, 1.0, 6.0, 2.0, None)], None, 0.5)
+    extra = {"n_heads": 2, "cond_or_uncond": [1, 0], "sigmas": torch.tensor([4.0, 9.0]),
+             "original_shape": [4, 4, 4, 4]}
+    out, a_text = patch(q, k, v, extra), attention.optimized_attention(q, k, v, 2)
+    for row, acts in ((0, True), (1, False), (2, True), (3, False)):
+        assert torch.equal(out[row], a_text[row]) != acts
+
+
 def test_person_node_returns_a_new_list(booted):
     patch_mod = booted.pack_module("attention.patch")
     one = patch_mod.add_person(None, "a")
@@ -111,7 +186,12 @@ def setup(comfy_host, booted, tiny_sd15):
     adapters = booted.models / "ipadapter"
     written = [af.write_adapter(adapters / FACEID, af.shared_state_dict("faceid", af.SD15)),
                af.write_adapter(adapters / STYLE, af.shared_state_dict("image-prompt", af.SD15)),
-               af.write_adapter(adapters / PLUS, af.shared_state_dict("faceid-plus", af.SD15))]
+               af.write_adapter(adapters / PLUS, af.shared_state_dict("faceid-plus", af.SD15)),
+               af.write_adapter(adapters / STYLE_VITL, af.adapter_state_dict("image-prompt", af.SD15, seed=5,
+                                                                             image_embeds=768))]
+    clip_models.install_vitl(booted.models)
+    Image.fromarray((np.random.default_rng(0).random((96, 80, 3)) * 255).astype(np.uint8)).save(
+        inputs / "fs_apply_style.png")
     folder_paths.filename_list_cache.pop("ipadapter", None)
     yield tiny_sd15
     for path in written:
@@ -135,10 +215,17 @@ def person(g: graphs.Graph, ident: list, weight: float = 1.0, persons: list | No
     return [g.add("FaceStudioPerson", inputs, name), 0]
 
 
-def apply(g: graphs.Graph, persons: list, adapter: str = FACEID) -> str:
+def apply(g: graphs.Graph, persons: list, adapter: str = FACEID, alpha: float = 0.5, style: bool = False,
+          style_weight: float = 1.0) -> str:
     loader = g.add("FaceStudioAdapterLoader", {"adapter_name": adapter, "kind": "auto"})
-    return g.insert_model_node("FaceStudioApply", {"adapter": [loader, 0], "persons": persons, "alpha": 0.5,
-                                                   "style_weight": 1.0})
+    inputs = {"adapter": [loader, 0], "persons": persons, "alpha": alpha, "style_weight": style_weight}
+    if style:
+        clip = g.add("CLIPVisionLoader", {"clip_name": clip_models.VITL_NAME})
+        image = g.add("LoadImage", {"image": "fs_apply_style.png"})
+        encoded = g.add("FaceStudioStyleEncode", {"image": [image, 0], "clip_vision": [clip, 0], "mask_margin": 0.25})
+        style_loader = g.add("FaceStudioAdapterLoader", {"adapter_name": STYLE_VITL, "kind": "auto"})
+        inputs.update(style=[encoded, 0], style_adapter=[style_loader, 0])
+    return g.insert_model_node("FaceStudioApply", inputs)
 
 
 def run_latent(comfy_host, g: graphs.Graph, sampler: str = "sampler") -> torch.Tensor:
@@ -221,3 +308,108 @@ def test_a_masked_person_runs_and_a_missing_mask_index_is_a_clear_error(comfy_ho
             result = comfy_host.run(g.prompt)
             assert not result.success and result.error_node == node
             assert "mask_index 1 is out of range" in result.error
+
+
+def test_alpha_zero_with_a_style_equals_no_style(comfy_host, setup):
+    def latent(**style):
+        g = base(setup, seed=3)
+        apply(g, person(g, identity(g, "fs_apply_a.png", "a")), **style)
+        return run_latent(comfy_host, g)
+
+    without = latent()
+    torch.testing.assert_close(latent(style=True, alpha=0.0), without, atol=1e-6, rtol=0)
+    assert (latent(style=True, alpha=0.5) - without).abs().max() > 1e-3
+
+
+def test_changing_only_apply_settings_and_requeuing_equals_a_fresh_run(comfy_host, setup):
+    g = base(setup, seed=5)
+    node = apply(g, person(g, identity(g, "fs_apply_a.png", "a")), style=True)
+    run_latent(comfy_host, g)  # leaves the executor's cache warm with the first settings
+    changed = {}
+    for settings in ({"alpha": 0.8}, {"style_weight": 0.4}):
+        g.prompt[node]["inputs"].update(settings)
+        changed[str(settings)] = run_latent(comfy_host, g)
+    comfy_host.executor.reset()
+    fresh = run_latent(comfy_host, g)
+    assert torch.equal(changed[str({"style_weight": 0.4})], fresh)
+    g.prompt[node]["inputs"].update(style_weight=1.0)
+    comfy_host.executor.reset()
+    assert torch.equal(changed[str({"alpha": 0.8})], run_latent(comfy_host, g))
+
+
+# ---- apply_facestudio on a loaded model ----
+
+
+@pytest.fixture(scope="module")
+def loaded(booted, setup, tiny_sd15_file):
+    import comfy.sd
+
+    faces, ident = booted.pack_module("encoders.faces"), booted.pack_module("encoders.identity")
+    analyzer = faces.load_face_analyzer(fm.tiny_pack(), providers="cpu")
+    people = [ident.encode_identity(analyzer, [fm.tiny_face_image(cells).astype(np.float32) / 255.0], cache=None)
+              for cells in (((6, 6, "white"),), ((8, 5, "green"),))]
+    model = comfy.sd.load_checkpoint_guess_config(str(tiny_sd15_file), output_vae=False, output_clip=False)[0]
+    adapter = booted.pack_module("attention.adapters").load_adapter(str(booted.models / "ipadapter" / FACEID))
+    return model, adapter, people
+
+
+def replacements(model) -> dict:
+    return model.model_options["transformer_options"]["patches_replace"]["attn2"]
+
+
+def test_token_kv_live_in_one_store_the_host_manages(booted, loaded):
+    import comfy.model_management
+    import comfy.sample
+
+    patch = booted.pack_module("attention.patch")
+    model, adapter, (a, b) = loaded
+    one = patch.apply_facestudio(model, adapter, patch.add_person(None, a))
+    (holder,) = one.get_additional_models_with_key(patch.STORE_KEY)
+    store = holder.model
+    assert isinstance(store, patch.TokenStore)
+    assert holder.model_size() == sum(t.numel() * t.element_size() for t in store.parameters()) > 0
+    assert all(not t.requires_grad and t.dtype == torch.float32 for t in store.parameters())
+    assert model.get_additional_models_with_key(patch.STORE_KEY) == []  # the input MODEL is untouched
+    assert "patches_replace" not in model.model_options["transformer_options"]
+
+    # Every replacement reads its K/V from the store's own tensors (no private copies).
+    for n, layer in enumerate(replacements(one).values()):
+        cond, uncond = layer.token_groups(layer.store.groups(layer.index)[0].heads)
+        assert layer.store is store and cond.keys.data_ptr() == store.groups(n)[0].keys.data_ptr()
+
+    # A chained Apply replaces the store with one merged store; the first MODEL keeps its own.
+    two = patch.apply_facestudio(one, adapter, patch.add_person(None, b, weight=0.5))
+    (merged,) = two.get_additional_models_with_key(patch.STORE_KEY)
+    assert merged.model is not store and one.get_additional_models_with_key(patch.STORE_KEY)[0].model is store
+    assert all(len(layer.persons) == 2 for layer in replacements(two).values())
+    assert merged.model_size() > holder.model_size()
+
+    # The sampler loads it through model management along with the UNet.
+    latent = torch.zeros(1, 4, 8, 8)
+    positive = [[torch.zeros(1, 77, 768), {}]]
+    comfy.sample.sample(two, torch.randn(1, 4, 8, 8), 1, 5.0, "euler", "normal", positive, positive, latent,
+                        disable_pbar=True)
+    assert any(lm.model.model is merged.model for lm in comfy.model_management.current_loaded_models)
+
+
+def test_negative_style_replaces_the_style_uncond(booted, loaded, tmp_path):
+    patch, proj = booted.pack_module("attention.patch"), booted.pack_module("attention.projection")
+    encode = booted.pack_module("encoders.style").encode_style
+    model, adapter, (a, _) = loaded
+    clip = clip_models.tiny_clip_vision(tmp_path)
+    style_path = af.write_adapter(tmp_path / "ip-adapter_sd15.safetensors", af.adapter_state_dict(
+        "image-prompt", af.SD15, image_embeds=clip_models.TINY_CLIP_CONFIG["projection_dim"]))
+    style_adapter = booted.pack_module("attention.adapters").load_adapter(str(style_path))
+    style = encode(clip, torch.rand(1, 64, 64, 3, generator=torch.Generator().manual_seed(1)))
+    negative = encode(clip, torch.rand(1, 64, 64, 3, generator=torch.Generator().manual_seed(2)))
+    persons = patch.add_person(None, a)
+    module = proj.projection_for(style_adapter)
+    for neg, expected in ((None, proj.unconditional_style_tokens(style_adapter, None, module)),
+                          (negative, proj.style_tokens(style_adapter, negative.image_embeds, module))):
+        patched = patch.apply_facestudio(model, adapter, persons, 0.5, style_adapter, style, 0.7, neg)
+        kv = proj.layer_kv(style_adapter, expected)
+        for n, layer in enumerate(replacements(patched).values()):
+            torch.testing.assert_close(layer.style.uncond[0], kv[n][0])
+            assert layer.style.scale == 0.7
+    with pytest.raises(ValueError, match="'negative_style' only acts on a style"):
+        patch.apply_facestudio(model, adapter, persons, negative_style=negative)

@@ -112,7 +112,9 @@ def _perceiver_blocks(sd: dict, rnd: _Random, prefix: str, dim: int, depth: int 
         _linear(sd, rnd, p + "1.3", dim, dim * ff_mult, bias=False)
 
 
-def image_projection(kind: str, base: str, rnd: _Random, resampler_dim: int | None = None) -> dict[str, torch.Tensor]:
+def image_projection(kind: str, base: str, rnd: _Random, resampler_dim: int | None = None,
+                     clip_hidden: int = VIT_H_HIDDEN, image_embeds: int | None = None) -> dict[str, torch.Tensor]:
+    """clip_hidden / image_embeds: the CLIP vision widths read (defaults: the released adapters')."""
     ctx = CONTEXT[base]
     tokens = TOKENS[kind]
     sd: dict[str, torch.Tensor] = {}
@@ -124,18 +126,18 @@ def image_projection(kind: str, base: str, rnd: _Random, resampler_dim: int | No
         _layer_norm(sd, rnd, "norm", width)
         if kind.startswith("faceid-plus"):
             # FacePerceiverResampler(dim=width, heads=width // 64, embedding_dim=ViT-H, output_dim=ctx)
-            _linear(sd, rnd, "perceiver_resampler.proj_in", width, VIT_H_HIDDEN)
+            _linear(sd, rnd, "perceiver_resampler.proj_in", width, clip_hidden)
             _linear(sd, rnd, "perceiver_resampler.proj_out", ctx, width)
             _layer_norm(sd, rnd, "perceiver_resampler.norm_out", ctx)
             _perceiver_blocks(sd, rnd, "perceiver_resampler.", width)
     elif kind == "image-prompt":
-        _linear(sd, rnd, "proj", ctx * tokens, IMAGE_EMBEDS[base])
+        _linear(sd, rnd, "proj", ctx * tokens, image_embeds or IMAGE_EMBEDS[base])
         _layer_norm(sd, rnd, "norm", ctx)
     elif kind == "image-prompt-plus":
         # Resampler(dim, depth 4, heads dim // 64, num_queries 16, embedding_dim ViT-H, output_dim ctx)
         dim = resampler_dim or REFERENCE_PLUS_DIM[base]
         sd["latents"] = rnd(1, tokens, dim, scale=dim ** -0.5)
-        _linear(sd, rnd, "proj_in", dim, VIT_H_HIDDEN)
+        _linear(sd, rnd, "proj_in", dim, clip_hidden)
         _linear(sd, rnd, "proj_out", ctx, dim)
         _layer_norm(sd, rnd, "norm_out", ctx)
         _perceiver_blocks(sd, rnd, "", dim)
@@ -160,7 +162,8 @@ def attention_layers(widths, context: int, rnd: _Random, lora_rank: int | None) 
 
 
 def adapter_state_dict(kind: str, base: str, *, seed: int = 0, layer_widths=None, resampler_dim: int | None = -1,
-                       lora_rank: int | None = -1, dtype: torch.dtype = torch.float16) -> dict[str, dict]:
+                       lora_rank: int | None = -1, dtype: torch.dtype = torch.float16,
+                       clip_hidden: int = VIT_H_HIDDEN, image_embeds: int | None = None) -> dict[str, dict]:
     """The nested `{"image_proj", "ip_adapter"}` state dict of one adapter; -1 / None pick the defaults above."""
     if kind not in KINDS or base not in BASES:
         raise ValueError(f"unknown kind/base {kind!r}/{base!r}")
@@ -171,7 +174,7 @@ def adapter_state_dict(kind: str, base: str, *, seed: int = 0, layer_widths=None
         lora_rank = DEFAULT_LORA_RANK[base]
     widths = tuple(layer_widths) if layer_widths is not None else DEFAULT_LAYER_WIDTHS[base]
     return {
-        "image_proj": image_projection(kind, base, rnd, resampler_dim),
+        "image_proj": image_projection(kind, base, rnd, resampler_dim, clip_hidden, image_embeds),
         "ip_adapter": attention_layers(widths, CONTEXT[base], rnd, lora_rank if kind in LORA_KINDS else None),
     }
 
