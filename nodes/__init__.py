@@ -3,6 +3,8 @@ from .adapter_loader import FaceStudioAdapterLoader
 from .apply import FaceStudioApply, FaceStudioPerson
 from .face_analyzer import FaceStudioFaceAnalyzerLoader
 from .identity import FaceStudioIdentityEncode, FaceStudioIdentityLoad, FaceStudioIdentityMix, FaceStudioIdentitySave
+from .preview import FaceStudioFacePreview
+from .scoring import FaceStudioIdentityScore
 from .style import FaceStudioStyleEncode
 
 NODE_LIST = [
@@ -15,4 +17,6 @@ NODE_LIST = [
     FaceStudioStyleEncode,
     FaceStudioPerson,
     FaceStudioApply,
+    FaceStudioFacePreview,
+    FaceStudioIdentityScore,
 ]
