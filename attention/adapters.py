@@ -107,8 +107,10 @@ class IPAdapterWeights:
     num_tokens: int                      # context tokens per embedding
     layers: tuple[tuple[torch.Tensor, torch.Tensor], ...] = field(repr=False)  # (to_k_ip, to_v_ip), key order
     image_proj: Mapping[str, torch.Tensor] = field(repr=False)
-    lora_key_count: int                  # FaceID's LoRA keys present in the file (not applied from here)
+    lora_key_count: int                  # FaceID's LoRA keys present in the file
     source: str                          # file name, for messages
+    # FaceID's attention-processor LoRA ('<n>.to_q_lora.down.weight', ...): applied by attention/lora.py.
+    lora: Mapping[str, torch.Tensor] = field(default_factory=lambda: MappingProxyType({}), repr=False)
 
     @property
     def layer_count(self) -> int:
@@ -411,14 +413,14 @@ _LORA_KEY = re.compile(r"^\d+\.(to_q|to_k|to_v|to_out)_lora\.(down|up)\.weight$"
 def _read_layers(ip_adapter: Mapping[str, torch.Tensor], source: str):
     """(to_k_ip, to_v_ip) per layer in key order, the context width, and the number of LoRA keys."""
     found: dict[int, dict[str, torch.Tensor]] = {}
-    lora = 0
+    lora: dict[str, torch.Tensor] = {}
     odd = []
     for key, tensor in ip_adapter.items():
         m = _IP_KEY.match(key)
         if m:
             found.setdefault(int(m.group(1)), {})[m.group(2)] = tensor
         elif _LORA_KEY.match(key):
-            lora += 1
+            lora[key] = tensor
         else:
             odd.append(key)
     if odd:
@@ -518,7 +520,8 @@ def recognise(image_proj: Mapping[str, torch.Tensor], ip_adapter: Mapping[str, t
     return IPAdapterWeights(
         kind=chosen, base_model=base, context_dim=context, clip_width=shape.clip_width,
         id_embedding_width=shape.id_embedding_width, num_tokens=shape.num_tokens, layers=layers,
-        image_proj=MappingProxyType(dict(image_proj)), lora_key_count=lora, source=source,
+        image_proj=MappingProxyType(dict(image_proj)), lora_key_count=len(lora), source=source,
+        lora=MappingProxyType(lora),
     )
 
 

@@ -26,6 +26,7 @@ import torch
 
 from .adapters import AdapterError, AdapterKind, IPAdapterWeights
 from .layers import cross_attention_positions, map_adapter_layers
+from .lora import faceid_lora
 from .projection import (
     identity_tokens,
     layer_kv,
@@ -308,10 +309,11 @@ def _sigma(model, percent: float) -> float:
 
 def apply_facestudio(model, adapter: IPAdapterWeights, persons: Sequence[Person], alpha: float = 0.5,
                      style_adapter: IPAdapterWeights | None = None, style=None, style_weight: float = 1.0,
-                     negative_style=None):
+                     negative_style=None, lora_strength: float = 0.0):
     """A clone of `model` with FaceStudio's routed attention at every cross-attention position.
 
-    negative_style: a StyleEncoding whose tokens replace the style's unconditional ones."""
+    negative_style: a StyleEncoding whose tokens replace the style's unconditional ones.
+    lora_strength: above 0, the FaceID LoRA trained with `adapter` is added to the clone (attention/lora.py)."""
     if not adapter.is_identity:
         raise AdapterError(f"{adapter.source} is {adapter.kind.label}, a style (image-prompt) adapter: connect a "
                            "FaceID adapter as 'adapter' and this one as 'style_adapter'.")
@@ -362,7 +364,11 @@ def apply_facestudio(model, adapter: IPAdapterWeights, persons: Sequence[Person]
         if getattr(previous, "is_facestudio_attention", False):
             patch = previous.merged_with(patch)
         elif previous is not None:
+    lora = faceid_lora(model, adapter, positions)[0] if lora_strength else None
+
             patch = patch.wrapping(previous)
+    if lora is not None:
+        clone.add_patches(lora, float(lora_strength))
         patches.append(patch)
 
     # One store per MODEL: a chained Apply's merged store replaces the earlier one.

@@ -60,6 +60,11 @@ class FaceStudioApply(io.ComfyNode):
                 FaceStudioStyle.Input("style", optional=True, tooltip="Optional: from FaceStudio Encode Style."),
                 io.Float.Input("style_weight", default=1.0, min=0.0, max=2.0, step=0.01,
                                tooltip="Strength of the style image."),
+                io.Float.Input("lora_strength", default=0.0, min=0.0, max=2.0, step=0.01, optional=True,
+                               tooltip="FaceID and FaceID Plus adapters were trained with a LoRA: above 0 it is "
+                                       "applied at this strength (0.5-0.7 is usual), from the adapter file or its "
+                                       "paired '<adapter>_lora.safetensors' in models/loras. Leave at 0 if you "
+                                       "load that LoRA with a LoRA loader yourself."),
                 FaceStudioStyle.Input("negative_style", optional=True,
                                       tooltip="Optional: a style to steer away from (replaces the neutral image in "
                                               "the negative/unconditional pass); needs 'style'."),
@@ -69,6 +74,6 @@ class FaceStudioApply(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, adapter, persons, alpha: float, style_weight: float = 1.0, style_adapter=None,
-                style=None, negative_style=None) -> io.NodeOutput:
+                style=None, negative_style=None, lora_strength: float = 0.0) -> io.NodeOutput:
         return io.NodeOutput(apply_facestudio(model, adapter, persons, alpha, style_adapter, style, style_weight,
-                                              negative_style))
+                                              negative_style, lora_strength))

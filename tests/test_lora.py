@@ -1,0 +1,136 @@
+"""FaceID's companion LoRA: the release-format paired file through the host's own LoRA loader, and
+FaceStudio Apply's lora_strength (from the adapter file's LoRA, or else the paired file)."""
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from facestudio_testing import adapter_files as af
+from facestudio_testing import graphs
+
+from test_apply import apply, base, identity, person, run_latent, setup  # noqa: F401  (fixture)
+
+pytestmark = pytest.mark.filterwarnings("ignore:.*estimate.*deprecated:FutureWarning")
+
+FACEID_NO_LORA = "fs_lora_faceid_sd15.safetensors"   # the adapter without its LoRA keys
+PAIRED = "fs_lora_faceid_sd15_lora.safetensors"       # ... and its release-named companion
+EXPECTED_MODULES = 16 * 2 * 4                         # 16 positions x (attn1, attn2) x (q, k, v, out)
+
+
+def release_lora(nested: dict, unet_config: dict) -> dict[str, torch.Tensor]:
+    """The adapter's LoRA as the release '<adapter>_lora.safetensors' files name it: kohya keys over
+    diffusers module paths (lora_unet_down_blocks_0_attentions_0_..._attn1_to_q.lora_down.weight)."""
+    import comfy.utils
+
+    to_host = comfy.utils.unet_to_diffusers(unet_config)  # diffusers key -> host key
+    diffusers = {host: key for key, host in to_host.items()}
+    attn2 = sorted({k.rsplit(".attn2.", 1)[0] for k in to_host.values() if ".attn2.to_k." in k}, key=_host_order)
+    assert len(attn2) == 16
+    out = {}
+    for n, block in enumerate(attn2):
+        for index, attn in ((2 * n, "attn1"), (2 * n + 1, "attn2")):
+            for ours, host in (("to_q", "to_q"), ("to_k", "to_k"), ("to_v", "to_v"), ("to_out", "to_out.0")):
+                name = diffusers[f"{block}.{attn}.{host}.weight"][:-len(".weight")].replace(".", "_")
+                for part in ("down", "up"):
+                    out[f"lora_unet_{name}.lora_{part}.weight"] = nested["ip_adapter"][f"{index}.{ours}_lora.{part}.weight"]
+    return out
+
+
+def _host_order(block: str):
+    # diffusers' processor order: input blocks, output blocks, then the middle block.
+    kind, rest = block.split(".", 1)
+    rank = {"input_blocks": 0, "output_blocks": 1, "middle_block": 2}[kind]
+    return (rank, [int(p) if p.isdigit() else p for p in rest.split(".")])
+
+
+@pytest.fixture(scope="module")
+def lora_setup(comfy_host, booted, setup):
+    import comfy.sd
+    import folder_paths
+
+    nested = af.shared_state_dict("faceid", af.SD15)
+    model = comfy.sd.load_checkpoint_guess_config(str(booted.models / "checkpoints" / setup), output_vae=False,
+                                                  output_clip=False)[0]
+    loras = booted.models / "loras"
+    loras.mkdir(exist_ok=True)
+    save_file({k: v.contiguous() for k, v in release_lora(nested, model.model.model_config.unet_config).items()},
+              str(loras / PAIRED))
+    stripped = {"image_proj": nested["image_proj"],
+                "ip_adapter": {k: v for k, v in nested["ip_adapter"].items() if "_lora." not in k}}
+    written = af.write_adapter(booted.models / "ipadapter" / FACEID_NO_LORA, stripped)
+    for folder in ("loras", "ipadapter"):
+        folder_paths.filename_list_cache.pop(folder, None)
+    yield setup
+    (loras / PAIRED).unlink()
+    written.unlink()
+    for folder in ("loras", "ipadapter"):
+        folder_paths.filename_list_cache.pop(folder, None)
+
+
+def test_the_paired_file_loads_fully_through_the_hosts_lora_loader(comfy_host, lora_setup, caplog):
+    g = base(lora_setup)
+    node = g.insert_model_node("LoraLoaderModelOnly", {"lora_name": PAIRED, "strength_model": 0.6})
+    with caplog.at_level(logging.WARNING):
+        result = comfy_host.run(g.prompt)
+    assert result.success, result.error
+    assert not [r for r in caplog.records if "lora key not loaded" in r.getMessage()]
+    assert len(comfy_host.output(result, node).patches) == EXPECTED_MODULES
+
+
+@pytest.mark.parametrize("adapter", ["fs_apply_faceid_sd15.safetensors", FACEID_NO_LORA],
+                         ids=["lora-inside-the-adapter", "paired-file"])
+def test_lora_strength_equals_the_hosts_lora_loader(comfy_host, lora_setup, adapter):
+    by_loader = base(lora_setup)
+    by_loader.insert_model_node("LoraLoaderModelOnly", {"lora_name": PAIRED, "strength_model": 0.6})
+    apply(by_loader, person(by_loader, identity(by_loader, "fs_apply_a.png", "a")), adapter=adapter)
+    by_apply = base(lora_setup)
+    node = apply(by_apply, person(by_apply, identity(by_apply, "fs_apply_a.png", "a")), adapter=adapter)
+    by_apply.prompt[node]["inputs"]["lora_strength"] = 0.6
+    expected = run_latent(comfy_host, by_loader)
+    torch.testing.assert_close(run_latent(comfy_host, by_apply), expected, atol=1e-6, rtol=0)
+    by_apply.prompt[node]["inputs"]["lora_strength"] = 0.0
+    assert (run_latent(comfy_host, by_apply) - expected).abs().max() > 1e-4  # the LoRA made a difference
+
+
+def test_no_lora_anywhere_is_a_clear_error(comfy_host, lora_setup, booted):
+    import folder_paths
+
+    paired = booted.models / "loras" / PAIRED
+    hidden = paired.rename(paired.with_suffix(".off"))
+    folder_paths.filename_list_cache.pop("loras", None)
+    try:
+        g = base(lora_setup)
+        node = apply(g, person(g, identity(g, "fs_apply_a.png", "a")), adapter=FACEID_NO_LORA)
+        g.prompt[node]["inputs"]["lora_strength"] = 0.6
+        result = comfy_host.run(g.prompt)
+        assert not result.success and result.error_node == node
+        assert f"'{PAIRED}' is not in models/loras" in result.error and "set lora_strength to 0" in result.error
+    finally:
+        hidden.rename(paired)
+        folder_paths.filename_list_cache.pop("loras", None)
+
+
+def test_a_lora_for_another_model_is_refused(booted, lora_setup):
+    import comfy.sd
+
+    lora = booted.pack_module("attention.lora")
+    adapters = booted.pack_module("attention.adapters")
+    model = comfy.sd.load_checkpoint_guess_config(str(booted.models / "checkpoints" / lora_setup), output_vae=False,
+                                                  output_clip=False)[0]
+    positions = booted.pack_module("attention.layers").cross_attention_positions(model)
+    adapter = adapters.load_adapter(str(booted.models / "ipadapter" / "fs_apply_faceid_sd15.safetensors"))
+    state = lora.embedded_lora_state_dict(adapter, positions)
+    assert len(state) == 2 * EXPECTED_MODULES
+    assert len(lora.lora_patches(model, state, "x")) == EXPECTED_MODULES
+    wrong = dict(state)
+    key = next(k for k in state if k.endswith("attn2_to_k.lora_down.weight"))
+    wrong[key] = torch.zeros(state[key].shape[0], 5)
+    with pytest.raises(adapters.AdapterError, match="made for another model"):
+        lora.lora_patches(model, wrong, "other.safetensors")
+    extra = {**state, "lora_unet_nowhere_to_q.lora_down.weight": state[key],
+             "lora_unet_nowhere_to_q.lora_up.weight": state[key.replace("down", "up")]}
+    with pytest.raises(adapters.AdapterError, match="lora_unet_nowhere_to_q"):
+        lora.lora_patches(model, extra, "other.safetensors")
