@@ -144,6 +144,10 @@ def _host_attention(q, k, v, heads, extra_options):
     return function(q, k, v, heads, **options)
 
 
+class PatchOrderError(RuntimeError):
+    """Another pack tried to change FaceStudio's attention in place; the message says what order works."""
+
+
 class FaceStudioAttention:
     """The attn2 replacement at one position: `patch(q, k, v, extra_options)` -> [B, Nq, H*d] before to_out.
 
@@ -171,6 +175,15 @@ class FaceStudioAttention:
 
     def __copy__(self):
         return self
+
+    def add(self, *args, **kwargs):
+        # cubiq's ComfyUI_IPAdapter_plus calls .add() on whatever replacement sits on attn2, changing it in
+        # place; ours is shared by every clone of the MODEL, so it must not change. Its own replacement
+        # (installed first) is wrapped instead: text + IPAdapter attention, then our routed persons.
+        raise PatchOrderError(
+            "An IPAdapter node comes after FaceStudio Apply on this model, and it would change FaceStudio's "
+            "attention in place. Connect the IPAdapter nodes first and FaceStudio Apply after them (FaceStudio "
+            "keeps their effect and adds its persons on top).")
 
     def merged_with(self, other: "FaceStudioAttention") -> "FaceStudioAttention":
         """One (unbound) replacement with this one's persons, then other's (same A_text, one routed call)."""
@@ -351,7 +364,11 @@ def apply_facestudio(model, adapter: IPAdapterWeights, persons: Sequence[Person]
         style_kv = (layer_kv(style_adapter, style_tokens(style_adapter, features, smodule)),
                     layer_kv(style_adapter, uncond))
 
+    lora = faceid_lora(model, adapter, positions)[0] if lora_strength else None
+
     clone = model.clone()
+    if lora is not None:
+        clone.add_patches(lora, float(lora_strength))
     existing = clone.model_options.get("transformer_options", {}).get("patches_replace", {}).get("attn2", {})
     patches = []
     for n, layer in enumerate(mapped):
@@ -364,11 +381,7 @@ def apply_facestudio(model, adapter: IPAdapterWeights, persons: Sequence[Person]
         if getattr(previous, "is_facestudio_attention", False):
             patch = previous.merged_with(patch)
         elif previous is not None:
-    lora = faceid_lora(model, adapter, positions)[0] if lora_strength else None
-
             patch = patch.wrapping(previous)
-    if lora is not None:
-        clone.add_patches(lora, float(lora_strength))
         patches.append(patch)
 
     # One store per MODEL: a chained Apply's merged store replaces the earlier one.

@@ -413,3 +413,54 @@ def test_negative_style_replaces_the_style_uncond(booted, loaded, tmp_path):
             assert layer.style.scale == 0.7
     with pytest.raises(ValueError, match="'negative_style' only acts on a style"):
         patch.apply_facestudio(model, adapter, persons, negative_style=negative)
+
+
+class IPAdapterStandIn:
+    """What cubiq's ComfyUI_IPAdapter_plus installs on attn2 (its Attn2Replace): a callable holding a
+    list of attention callbacks that later IPAdapter nodes extend with .add()."""
+
+    def __init__(self, callback):
+        self.callbacks = [callback]
+
+    def add(self, callback, **kwargs):
+        self.callbacks.append(callback)
+
+    def __call__(self, q, k, v, extra_options):
+        from comfy.ldm.modules.attention import optimized_attention
+
+        out = optimized_attention(q, k, v, extra_options["n_heads"])
+        for callback in self.callbacks:
+            out = out + callback(q)
+        return out
+
+
+def ipadapter_node(model, callback, keys):
+    """Its set_model_patch_replace at each key: .add() on a replacement already there, else a new one."""
+    clone = model.clone()
+    to = clone.model_options["transformer_options"].copy()
+    attn2 = to.setdefault("patches_replace", {}).setdefault("attn2", {})
+    for key in keys:
+        if key in attn2:
+            attn2[key].add(callback, weight=1.0)
+        else:
+            attn2[key] = IPAdapterStandIn(callback)
+    clone.model_options["transformer_options"] = to
+    return clone
+
+
+def test_ipadapter_first_then_facestudio_is_wrapped_and_the_reverse_is_a_clear_error(booted, loaded):
+    patch = booted.pack_module("attention.patch")
+    model, adapter, (a, _) = loaded
+    keys = [p.patch_key for p in booted.pack_module("attention.layers").cross_attention_positions(model)]
+    with_ipadapter = ipadapter_node(model, lambda q: torch.full_like(q, 0.5), keys)
+    ours = patch.apply_facestudio(with_ipadapter, adapter, patch.add_person(None, a))
+    for layer in replacements(ours).values():
+        assert isinstance(layer.wrapped, IPAdapterStandIn)
+    latent = torch.zeros(1, 4, 8, 8)
+    positive = [[torch.zeros(1, 77, 768), {}]]
+    import comfy.sample
+
+    comfy.sample.sample(ours, torch.randn(1, 4, 8, 8), 1, 5.0, "euler", "normal", positive, positive, latent,
+                        disable_pbar=True)
+    with pytest.raises(patch.PatchOrderError, match="Connect the IPAdapter nodes first and FaceStudio Apply after"):
+        ipadapter_node(patch.apply_facestudio(model, adapter, patch.add_person(None, a)), lambda q: q, keys)
