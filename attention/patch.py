@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from .adapters import AdapterError, AdapterKind, IPAdapterWeights
+from .controls import scale_kv, style_layer_scales
 from .layers import cross_attention_positions, map_adapter_layers
 from .lora import faceid_lora
 from .projection import (
@@ -158,17 +159,19 @@ class FaceStudioAttention:
     is_facestudio_attention = True
 
     def __init__(self, persons: Sequence[PersonLayer], style: StyleLayer | None, alpha: float,
-                 wrapped: Callable | None = None, store: TokenStore | None = None, index: int | None = None):
+                 wrapped: Callable | None = None, store: TokenStore | None = None, index: int | None = None,
+                 unfold_batch: bool = False):
         text_gain(alpha)  # validates alpha
         self.persons = tuple(persons)
         self.style = style
         self.alpha = float(alpha)
         self.wrapped = wrapped
+        self.unfold_batch = bool(unfold_batch)  # latent b gets person b (mod the number of persons) only
         self.store, self.index = store, index
         self._sigma_bounds = torch.tensor([[p.sigma_end, p.sigma_start] for p in self.persons],
                                           dtype=torch.float64).reshape(-1, 2)
         self._groups: dict = {}   # heads -> (cond, uncond) TokenGroups, when unbound
-        self._regions: dict = {}  # (latent hw, Nq, batch, device) -> region weights [B or 1, Nq or 1, P]
+        self._regions: dict = {}  # (latent hw, Nq, batch, device) -> (token masks, region weights)
 
     def __deepcopy__(self, memo):
         return self
@@ -192,13 +195,19 @@ class FaceStudioAttention:
         if self.alpha != other.alpha:
             raise ValueError(f"Chained FaceStudio Apply nodes must use the same alpha (got {self.alpha} and "
                              f"{other.alpha}): alpha scales the shared text attention.")
-        return FaceStudioAttention(self.persons + other.persons, self.style or other.style, self.alpha, self.wrapped)
+        if self.unfold_batch != other.unfold_batch:
+            raise ValueError("Chained FaceStudio Apply nodes must agree on unfold_batch: it deals the persons of "
+                             "both lists to the latents of the batch together.")
+        return FaceStudioAttention(self.persons + other.persons, self.style or other.style, self.alpha, self.wrapped,
+                                   unfold_batch=self.unfold_batch)
 
     def wrapping(self, wrapped: Callable) -> "FaceStudioAttention":
-        return FaceStudioAttention(self.persons, self.style, self.alpha, wrapped, self.store, self.index)
+        return FaceStudioAttention(self.persons, self.style, self.alpha, wrapped, self.store, self.index,
+                                   self.unfold_batch)
 
     def bound_to(self, store: TokenStore, index: int) -> "FaceStudioAttention":
-        return FaceStudioAttention(self.persons, self.style, self.alpha, self.wrapped, store, index)
+        return FaceStudioAttention(self.persons, self.style, self.alpha, self.wrapped, store, index,
+                                   self.unfold_batch)
 
     def token_groups(self, heads: int) -> tuple[TokenGroups, TokenGroups]:
         if self.store is not None:
@@ -210,10 +219,11 @@ class FaceStudioAttention:
             groups = self._groups[heads] = _build_groups(self.persons, self.style, heads)
         return groups
 
-    def _region_weights(self, groups: TokenGroups, latent_hw, nq: int, batch: int, device):
+    def _region_weights(self, groups: TokenGroups, latent_hw, nq: int, batch: int, device,
+                        activity: torch.Tensor | None):
         key = (latent_hw, nq, batch, device)
-        regions = self._regions.get(key)
-        if regions is None:
+        cached = self._regions.get(key)
+        if cached is None:
             masks = [p.mask for p in self.persons]
             if any(m is not None for m in masks):
                 downscale = find_downscale(latent_hw, nq)
@@ -221,19 +231,29 @@ class FaceStudioAttention:
                          for m in masks]
             else:
                 masks = [None] * len(masks)
-            regions = self._regions[key] = groups.region_weights(masks).to(device)
-        return regions
+            cached = self._regions[key] = (masks, groups.region_weights(masks).to(device))
+        masks, regions = cached
+        if activity is None:
+            return regions
+        return groups.region_weights(masks, activity).to(device)
 
-    def _activity(self, sigmas: torch.Tensor | None) -> torch.Tensor | None:
-        """[S, 1, P] 1/0: person p acts at row s's sigma (S = 1 when the rows share one sigma), or None
-        when every person acts everywhere."""
-        if sigmas is None or not self.persons:
+    def _activity(self, sigmas: torch.Tensor | None, batch: int) -> torch.Tensor | None:
+        """[S, 1, P] 1/0: person p acts in latent row s (its sigma in [end, start], and with unfold_batch
+        s mod P == p); S = 1 when all rows agree. None when every person acts everywhere."""
+        if not self.persons:
             return None
-        s = sigmas.detach().reshape(-1).double().cpu()
-        if (s == s[0]).all():
-            s = s[:1]
-        bounds = self._sigma_bounds
-        active = (bounds[:, 0] <= s[:, None]) & (s[:, None] <= bounds[:, 1])  # [S, P]
+        active = torch.ones(1, len(self.persons), dtype=torch.bool)
+        if sigmas is not None:
+            s = sigmas.detach().reshape(-1).double().cpu()
+            if (s == s[0]).all():
+                s = s[:1]
+            if s.shape[0] not in (1, batch):
+                raise ValueError(f"{s.shape[0]} sigmas for a latent batch of {batch}")
+            bounds = self._sigma_bounds
+            active = (bounds[:, 0] <= s[:, None]) & (s[:, None] <= bounds[:, 1])  # [S, P]
+        if self.unfold_batch:
+            dealt = torch.arange(batch)[:, None] % len(self.persons) == torch.arange(len(self.persons))[None]
+            active = active & dealt
         return None if active.all() else active.float()[:, None, :]
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extra_options: dict) -> torch.Tensor:
@@ -242,19 +262,15 @@ class FaceStudioAttention:
             a_text = self.wrapped(q, k, v, extra_options)
         else:
             a_text = _host_attention(q, k, v, heads, extra_options)
-        activity = self._activity(extra_options.get("sigmas"))
+        chunks = list(extra_options.get("cond_or_uncond") or [0])
+        batch = q.shape[0] // len(chunks)
+        activity = self._activity(extra_options.get("sigmas"), batch)
         if self.style is None and (not self.persons or (activity is not None and not activity.any())):
             return a_text
-        chunks = list(extra_options.get("cond_or_uncond") or [0])
         cond, uncond = self.token_groups(heads)
-        batch = q.shape[0] // len(chunks)
         shape = extra_options.get("original_shape")
         latent_hw = tuple(int(x) for x in shape[-2:]) if shape is not None else (q.shape[1], 1)
-        regions = self._region_weights(cond, latent_hw, q.shape[1], batch, q.device)
-        if activity is not None:
-            if activity.shape[0] not in (1, batch):
-                raise ValueError(f"{activity.shape[0]} sigmas for a latent batch of {batch}")
-            regions = regions * activity.to(regions.device)
+        regions = self._region_weights(cond, latent_hw, q.shape[1], batch, q.device, activity)
         precision = extra_options.get("attn_precision") or torch.float32
         if precision not in (torch.float32, torch.float64):
             precision = torch.float32  # scores in fp32 at least: half-precision softmax over tokens overflows
@@ -316,17 +332,26 @@ def _style_features(adapter: IPAdapterWeights, style, what: str) -> tuple[torch.
     return features, None if plain else style.unconditional_hidden_states.float().cpu()
 
 
+def _scaled_person(cond: KV, uncond: KV, person: Person, sigma_start: float, sigma_end: float,
+                   embeds_scaling: str) -> PersonLayer:
+    (cond, weight), (uncond, _) = (scale_kv(kv, person.weight, embeds_scaling) for kv in (cond, uncond))
+    return PersonLayer(cond, uncond, weight, sigma_start, sigma_end, person.mask)
+
+
 def _sigma(model, percent: float) -> float:
     return float(model.get_model_object("model_sampling").percent_to_sigma(percent))
 
 
 def apply_facestudio(model, adapter: IPAdapterWeights, persons: Sequence[Person], alpha: float = 0.5,
                      style_adapter: IPAdapterWeights | None = None, style=None, style_weight: float = 1.0,
-                     negative_style=None, lora_strength: float = 0.0):
+                     negative_style=None, lora_strength: float = 0.0, embeds_scaling: str = "V only",
+                     style_blocks: str = "all", style_block_weights: str = "", unfold_batch: bool = False):
     """A clone of `model` with FaceStudio's routed attention at every cross-attention position.
 
     negative_style: a StyleEncoding whose tokens replace the style's unconditional ones.
-    lora_strength: above 0, the FaceID LoRA trained with `adapter` is added to the clone (attention/lora.py)."""
+    lora_strength: above 0, the FaceID LoRA trained with `adapter` is added to the clone (attention/lora.py).
+    embeds_scaling, style_blocks, style_block_weights: see attention/controls.py.
+    unfold_batch: latent b of the batch gets person b (mod the number of persons) only."""
     if not adapter.is_identity:
         raise AdapterError(f"{adapter.source} is {adapter.kind.label}, a style (image-prompt) adapter: connect a "
                            "FaceID adapter as 'adapter' and this one as 'style_adapter'.")
@@ -343,6 +368,9 @@ def apply_facestudio(model, adapter: IPAdapterWeights, persons: Sequence[Person]
     text_gain(alpha)
     positions = cross_attention_positions(model)
     mapped = map_adapter_layers(adapter, positions)
+    style_scales = style_layer_scales(positions, (style_adapter or adapter).base_model, style_blocks,
+                                      style_block_weights)
+    scale_kv((torch.zeros(1, 1, 1), torch.zeros(1, 1, 1)), 1.0, embeds_scaling)  # validates the mode early
 
     module = projection_for(adapter)
     person_kv = []
@@ -372,10 +400,14 @@ def apply_facestudio(model, adapter: IPAdapterWeights, persons: Sequence[Person]
     existing = clone.model_options.get("transformer_options", {}).get("patches_replace", {}).get("attn2", {})
     patches = []
     for n, layer in enumerate(mapped):
-        people = [PersonLayer(cond[n], uncond[n], p.weight, s_start, s_end, p.mask)
+        people = [_scaled_person(cond[n], uncond[n], p, s_start, s_end, embeds_scaling)
                   for cond, uncond, p, s_start, s_end in person_kv]
-        style_n = None if style_kv is None else StyleLayer(style_kv[0][n], style_kv[1][n], float(style_weight))
-        patch = FaceStudioAttention(people, style_n, alpha)
+        style_n = None
+        if style_kv is not None:
+            (s_cond, scale), (s_uncond, _) = (scale_kv(kv[n], float(style_weight) * style_scales[n], embeds_scaling)
+                                              for kv in style_kv)
+            style_n = StyleLayer(s_cond, s_uncond, scale)
+        patch = FaceStudioAttention(people, style_n, alpha, unfold_batch=unfold_batch)
         key = layer.position.patch_key
         previous = existing.get(key, existing.get(key[:2]))
         if getattr(previous, "is_facestudio_attention", False):

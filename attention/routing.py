@@ -168,9 +168,12 @@ class TokenGroups:
             self._moved[key] = moved
         return moved
 
-    def region_weights(self, masks: Sequence[torch.Tensor | None] | None = None) -> torch.Tensor:
+    def region_weights(self, masks: Sequence[torch.Tensor | None] | None = None,
+                       activity: torch.Tensor | None = None) -> torch.Tensor:
         """w_hat [Bm, Nq or 1, P] (fp32) from one mask per person: None (whole image) or
         [1 or B, Nq] soft values in [0, 1] on this layer's token grid (see `masks_to_tokens`).
+        `activity` ([1 or B, 1, P] of 1/0) leaves out persons not acting in a row: they neither act
+        nor count in the overlap normalisation of the others.
 
         Masks are fixed for a given Apply, so the caller may cache this per token grid and pass it to
         `route` as `regions`.
@@ -188,6 +191,8 @@ class TokenGroups:
         shape = torch.broadcast_shapes((1, 1), *(m.shape for m in given))
         one = torch.ones((), device=device)
         m = torch.stack([one.expand(shape) if x is None else x.float().expand(shape) for x in masks], -1)
+        if activity is not None:
+            m = m * activity.to(device)
         # Overlaps share the region (sum of masks > 1 is renormalised); elsewhere a soft mask fades out.
         return m * self.weights.to(device) / m.sum(-1, keepdim=True).clamp_min(1.0)
 

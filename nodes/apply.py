@@ -1,6 +1,7 @@
 """FaceStudio Person and FaceStudio Apply: who goes where, then the routed attention on a MODEL."""
 from comfy_api.latest import io
 
+from ..attention.controls import EMBEDS_SCALING, STYLE_BLOCKS
 from ..attention.patch import add_person, apply_facestudio
 from .types import FaceStudioAdapter, FaceStudioIdentity, FaceStudioPersons, FaceStudioStyle
 
@@ -68,12 +69,28 @@ class FaceStudioApply(io.ComfyNode):
                 FaceStudioStyle.Input("negative_style", optional=True,
                                       tooltip="Optional: a style to steer away from (replaces the neutral image in "
                                               "the negative/unconditional pass); needs 'style'."),
+                io.Combo.Input("embeds_scaling", options=list(EMBEDS_SCALING), default="V only", optional=True,
+                               tooltip="How weights act: 'V only' scales the adapter's output (IP-Adapter's own); "
+                                       "'K+V' also sharpens its attention; the 'C penalty' modes weaken it in the "
+                                       "wide, high-resolution layers that carry layout (less pose/composition "
+                                       "copied from the references)."),
+                io.Combo.Input("style_blocks", options=list(STYLE_BLOCKS), default="all", optional=True,
+                               tooltip="Where the style image acts (InstantStyle): 'style only' keeps its look "
+                                       "without its layout; 'composition only' the reverse."),
+                io.String.Input("style_block_weights", default="", optional=True,
+                                tooltip="Optional per-block style weights overriding style_blocks for the blocks "
+                                        "named, e.g. 'input 8=0.5, output 1=1, middle=0'."),
+                io.Boolean.Input("unfold_batch", default=False, optional=True,
+                                 tooltip="With a batch of latents: latent i gets only person i (persons repeat when "
+                                         "the batch is longer), instead of every person in every latent."),
             ],
             outputs=[io.Model.Output(display_name="model", tooltip="The patched model.")],
         )
 
     @classmethod
     def execute(cls, model, adapter, persons, alpha: float, style_weight: float = 1.0, style_adapter=None,
-                style=None, negative_style=None, lora_strength: float = 0.0) -> io.NodeOutput:
+                style=None, negative_style=None, lora_strength: float = 0.0, embeds_scaling: str = "V only",
+                style_blocks: str = "all", style_block_weights: str = "", unfold_batch: bool = False) -> io.NodeOutput:
         return io.NodeOutput(apply_facestudio(model, adapter, persons, alpha, style_adapter, style, style_weight,
-                                              negative_style, lora_strength))
+                                              negative_style, lora_strength, embeds_scaling, style_blocks,
+                                              style_block_weights, unfold_batch))

@@ -464,3 +464,16 @@ def test_ipadapter_first_then_facestudio_is_wrapped_and_the_reverse_is_a_clear_e
                         disable_pbar=True)
     with pytest.raises(patch.PatchOrderError, match="Connect the IPAdapter nodes first and FaceStudio Apply after"):
         ipadapter_node(patch.apply_facestudio(model, adapter, patch.add_person(None, a)), lambda q: q, keys)
+
+
+def test_a_person_out_of_its_steps_does_not_share_the_region(booted):
+    """Overlap normalisation counts only persons acting at this sigma: B asleep leaves A at full weight."""
+    patch_mod = booted.pack_module("attention.patch")
+    gen = torch.Generator().manual_seed(12)
+    q, k, v = (torch.randn(2, 16, 8, generator=gen) for _ in range(3))
+    a, b = ((torch.randn(1, 4, 8, generator=gen), torch.randn(1, 4, 8, generator=gen)) for _ in range(2))
+    extra = {"n_heads": 2, "cond_or_uncond": [0, 1], "sigmas": torch.tensor([3.0]), "original_shape": [2, 4, 4, 4]}
+    both = patch_mod.FaceStudioAttention([patch_mod.PersonLayer(a, a, 1.0, 10.0, 0.0, None),
+                                          patch_mod.PersonLayer(b, b, 1.0, 2.0, 0.0, None)], None, 0.5)
+    alone = patch_mod.FaceStudioAttention([patch_mod.PersonLayer(a, a, 1.0, 10.0, 0.0, None)], None, 0.5)
+    torch.testing.assert_close(both(q, k, v, extra), alone(q, k, v, extra), atol=1e-6, rtol=0)
