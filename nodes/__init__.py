@@ -4,6 +4,7 @@ from .apply import FaceStudioApply, FaceStudioPerson
 from .face_analyzer import FaceStudioFaceAnalyzerLoader
 from .identity import FaceStudioIdentityEncode, FaceStudioIdentityLoad, FaceStudioIdentityMix, FaceStudioIdentitySave
 from .preview import FaceStudioFacePreview
+from .regions import FaceStudioRegions
 from .scoring import FaceStudioIdentityScore
 from .style import FaceStudioStyleEncode
 
@@ -18,5 +19,6 @@ NODE_LIST = [
     FaceStudioPerson,
     FaceStudioApply,
     FaceStudioFacePreview,
+    FaceStudioRegions,
     FaceStudioIdentityScore,
 ]

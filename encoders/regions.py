@@ -1,0 +1,325 @@
+"""Automatic region masks: N persons -> N masks, mask i for person i, for FaceStudio Person's mask.
+
+Host-free (numpy, OpenCV). Two sources:
+
+- a layout image: its faces are detected (the analyzer Encode Identity uses, with the same retries)
+  and mask i belongs to face i counted left to right, the number Encode Identity's `index` and Face
+  Preview give it. When the image holds more faces than asked for, the `count` largest are kept
+  (by box area, then detection score, as Encode Identity's face = largest ranks them): extra faces
+  are far more often background people or false detections than main subjects. They are still
+  numbered left to right among themselves.
+  * "grow": each face box grown to a rectangle over the person's likely head and upper body
+    (GROW_WIDTH face widths wide, centred on the face; GROW_UP face heights above the box for the
+    hair and skull, GROW_DOWN below it to about the waist; see those constants).
+  * "partition": every pixel to the nearest face centre, optionally with distances divided by the
+    face's size, so the regions never overlap and cover the whole image.
+  In both, the pixels of a face box belong to that face first (where two boxes overlap, the nearer
+  centre wins), and where grown rectangles overlap, the nearer face centre wins: no two regions
+  overlap and no region covers another person's face box (before feathering, which softens every
+  border over `feather` pixels on each side). Faces left out by `count` are nobody's: they may lie
+  in any region.
+- a split of a width x height canvas: "columns" (left to right), "rows" (top to bottom) or "grid"
+  (row by row, each row left to right). Boundaries fall on whole pixels: strip i of N over L pixels
+  spans [floor(i L / N), floor((i + 1) L / N)).
+
+Ties (a pixel exactly as near to two faces) go to the face with the lower number (further left).
+
+Masks are float32 [N, H, W] in [0, 1]. Without feathering each is 0 or 1; they never overlap, and
+in the partition and split modes they sum to exactly 1 at every pixel (in grow mode to 1 inside a
+region, 0 outside them all). Feathering blurs the one-hot region maps (and the "nobody" map of grow
+mode) with one kernel of radius `feather`: a Gaussian (sigma = feather / 2, cut off at the radius)
+or a box filter, which turns a straight border into a linear ramp. Blurring is linear and the
+one-hot maps sum to 1, so the soft masks still sum to at most 1 (exactly 1 where the hard ones
+did), and they are renormalized by that sum and rounded down to multiples of 2**-20 so that the
+float32 masks sum to <= 1 at every pixel exactly, not up to rounding (the routing would divide by
+max(1, sum) anyway; this says it). Pixels farther than `feather` from every border keep their 0 or
+1 exactly.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from .drawing import (DEFAULT_OPACITY, UNMATCHED, draw_box, draw_label, face_order, merge_drawing, person_colour,
+                      style_for, tint_masks, to_rgb_uint8)
+from .faces import FaceAnalyzer, detect_faces, to_bgr_uint8
+
+FACE_MODES = ("grow", "partition")
+SPLIT_MODES = ("columns", "rows", "grid")
+MODES = FACE_MODES + SPLIT_MODES
+FEATHER_SHAPES = ("gaussian", "linear")
+
+# Grow mode's rectangle, in units of the detector's face box (about brow to chin, cheek to cheek).
+# Shoulder breadth is about 2.8 face breadths in adults (biacromial ~39 cm, bizygomatic ~14 cm), so
+# 3 widths holds the shoulders and a little arm. The skull and hair rise about half a face height
+# above the box; chin to waist is about 2.5 head heights, about 3 face-box heights. The regions are
+# thus head and upper body, what a multi-person portrait shows of each person; raise GROW_DOWN
+# (the node's grow_down) for full figures.
+GROW_WIDTH = 3.0
+GROW_UP = 0.5
+GROW_DOWN = 3.0
+
+BACKGROUND = -1  # the label of pixels in no region (grow mode)
+SPLIT_CANVAS_GREY = 128  # the preview's background when a split has no image
+QUANTUM_BITS = 20  # feathered mask values are multiples of 2**-20 (see labels_to_masks)
+
+
+class RegionError(ValueError):
+    """A problem with the user's inputs (too few faces, a bad size or count), not a bug."""
+
+
+@dataclass(frozen=True)
+class GrowShape:
+    """Grow mode's rectangle around a face box of width w, height h, centre x cx: from
+    cx - width w / 2 to cx + width w / 2, and from up h above the box's top to down h below its bottom."""
+
+    width: float = GROW_WIDTH
+    up: float = GROW_UP
+    down: float = GROW_DOWN
+
+    def __post_init__(self):
+        if not (math.isfinite(self.width) and self.width >= 1.0):
+            raise RegionError(f"grow width must be at least 1 face width (the face box itself), not {self.width}")
+        for name in ("up", "down"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0.0):
+                raise RegionError(f"grow {name} must be 0 or more face heights, not {value}")
+
+    def boxes(self, faces: np.ndarray) -> np.ndarray:
+        """(n, 4) x1 y1 x2 y2 face boxes -> the grown rectangles (not clipped to the image)."""
+        faces = np.asarray(faces, np.float64).reshape(-1, 4)
+        w, h = faces[:, 2] - faces[:, 0], faces[:, 3] - faces[:, 1]
+        cx = (faces[:, 0] + faces[:, 2]) / 2
+        return np.stack([cx - self.width * w / 2, faces[:, 1] - self.up * h,
+                         cx + self.width * w / 2, faces[:, 3] + self.down * h], axis=1)
+
+
+@dataclass(frozen=True, eq=False)
+class Regions:
+    masks: np.ndarray  # float32 [N, H, W] in [0, 1], mask i for person i
+    labels: np.ndarray  # int32 [H, W]: the person each pixel belongs to before feathering, BACKGROUND for nobody
+    mode: str
+    faces: np.ndarray | None = None  # face modes: float32 [N, 5] boxes + scores, person order (left to right)
+    unused: np.ndarray | None = None  # face modes: faces found but not taken, [M, 5]
+
+    def preview(self, image=None, opacity: float = DEFAULT_OPACITY) -> np.ndarray:
+        return draw_regions(self.masks, image, self.faces, self.unused, opacity)
+
+
+# ------------------------------------------------------------------------------------------------
+# Which faces
+# ------------------------------------------------------------------------------------------------
+def choose_faces(bboxes, count: int, what: str = "the layout image") -> tuple[list[int], list[int]]:
+    """Rows of `bboxes` ((n, 4) or (n, 5) with scores) for `count` persons, left to right, and the
+    rows left out. More faces than `count`: the `count` largest. Fewer: RegionError."""
+    _check_count(count)
+    boxes = np.asarray(bboxes, np.float64).reshape(len(bboxes), -1) if len(bboxes) else np.zeros((0, 5))
+    found = len(boxes)
+    if found < count:
+        what = what[0].upper() + what[1:]
+        if found == 0:
+            raise RegionError(
+                f"{what} has no face the analyzer can find, but count asks for {count} persons. Use a layout "
+                f"image where the people's faces are clearly visible (check it with FaceStudio Face Preview), or a "
+                f"columns, rows or grid split, which needs no faces.")
+        raise RegionError(
+            f"{what} has {found} face{'s' if found > 1 else ''} but count asks for {count} persons. Set count to "
+            f"{found} or fewer, use a layout image where all {count} people's faces are visible (check it with "
+            f"FaceStudio Face Preview), or a columns, rows or grid split, which needs no faces.")
+    kept = set(face_order(boxes, "largest")[:count])
+    ranked = face_order(boxes, "left-to-right")
+    return [i for i in ranked if i in kept], [i for i in ranked if i not in kept]
+
+
+def _check_count(count: int) -> None:
+    if int(count) != count or count < 1:
+        raise RegionError(f"count must be a whole number of persons, 1 or more, not {count}")
+
+
+def _check_size(height: int, width: int) -> None:
+    if int(height) != height or int(width) != width or height < 1 or width < 1:
+        raise RegionError(f"the region size must be at least 1x1 pixels, not {width}x{height} (width x height)")
+
+
+# ------------------------------------------------------------------------------------------------
+# Label maps
+# ------------------------------------------------------------------------------------------------
+def face_labels(faces, height: int, width: int, mode: str, grow: GrowShape = GrowShape(),
+                size_weighted: bool = False) -> np.ndarray:
+    """int32 [H, W]: for each pixel, the face (row of `faces`, (n, 4) x1 y1 x2 y2 in pixels, in
+    person order) it belongs to, or BACKGROUND. A pixel is in a box when its centre (x + 0.5, y + 0.5)
+    is. Priority: the face boxes containing the pixel; else (grow) the grown rectangles containing it,
+    (partition) every face; among those the nearest face centre, by distance / sqrt(w h) when
+    `size_weighted`; ties to the lower row."""
+    if mode not in FACE_MODES:
+        raise RegionError(f"face mode must be one of {', '.join(FACE_MODES)}, not {mode!r}")
+    _check_size(height, width)
+    boxes = np.asarray(faces, np.float64).reshape(-1, 4)
+    grown = grow.boxes(boxes)
+    xs = np.arange(width, dtype=np.float64)[None, :] + 0.5
+    ys = np.arange(height, dtype=np.float64)[:, None] + 0.5
+    labels = np.full((height, width), BACKGROUND, np.int32)
+    best_tier = np.full((height, width), 2, np.int8)  # 0: in the face box, 1: a candidate, 2: nobody's
+    best_cost = np.full((height, width), np.inf)
+    for i, (x1, y1, x2, y2) in enumerate(boxes):
+        cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
+        cost = (xs - cx) ** 2 + (ys - cy) ** 2
+        if size_weighted:
+            cost = cost / max(1.0, (x2 - x1) * (y2 - y1))
+        if mode == "grow":
+            gx1, gy1, gx2, gy2 = grown[i]
+            candidate = (xs >= gx1) & (xs <= gx2) & (ys >= gy1) & (ys <= gy2)
+        else:
+            candidate = np.ones((height, width), bool)
+        in_face = (xs >= x1) & (xs <= x2) & (ys >= y1) & (ys <= y2)
+        tier = np.where(in_face, 0, np.where(candidate, 1, 2)).astype(np.int8)
+        better = (tier < 2) & ((tier < best_tier) | ((tier == best_tier) & (cost < best_cost)))
+        labels[better], best_tier[better], best_cost[better] = i, tier[better], cost[better]
+    return labels
+
+
+def _edges(length: int, parts: int) -> list[int]:
+    return [(i * length) // parts for i in range(parts + 1)]
+
+
+def split_labels(mode: str, count: int, height: int, width: int, columns: int = 0) -> np.ndarray:
+    """int32 [H, W] for a split of `count` regions. "grid": `columns` per row (0: ceil(sqrt(count))),
+    as many rows as needed; a last row with fewer regions shares the full width among them."""
+    if mode not in SPLIT_MODES:
+        raise RegionError(f"split mode must be one of {', '.join(SPLIT_MODES)}, not {mode!r}")
+    _check_count(count)
+    _check_size(height, width)
+    labels = np.empty((height, width), np.int32)
+    if mode == "columns":
+        cells = [(0, height, *span) for span in _spans(width, count, "width", "columns")]
+    elif mode == "rows":
+        cells = [(*span, 0, width) for span in _spans(height, count, "height", "rows")]
+    else:
+        if int(columns) != columns or columns < 0:
+            raise RegionError(f"grid columns must be 0 (automatic) or more, not {columns}")
+        per_row = min(count, int(columns) or math.ceil(math.sqrt(count)))
+        n_rows = math.ceil(count / per_row)
+        cells = []
+        for r, (top, bottom) in enumerate(_spans(height, n_rows, "height", "grid rows")):
+            in_row = min(per_row, count - r * per_row)
+            cells += [(top, bottom, left, right) for left, right in _spans(width, in_row, "width", "grid columns")]
+    for i, (top, bottom, left, right) in enumerate(cells):
+        labels[top:bottom, left:right] = i
+    return labels
+
+
+def _spans(length: int, parts: int, side: str, what: str) -> list[tuple[int, int]]:
+    if parts > length:
+        raise RegionError(f"{parts} {what} do not fit in a {side} of {length} pixels: every region needs at least "
+                          f"one pixel. Lower count or enlarge the {side}.")
+    edges = _edges(length, parts)
+    return list(zip(edges[:-1], edges[1:]))
+
+
+# ------------------------------------------------------------------------------------------------
+# Masks
+# ------------------------------------------------------------------------------------------------
+def feather_kernel(feather: int, shape: str = "gaussian") -> np.ndarray:
+    """The 1-D kernel (2 feather + 1 taps, summing to 1) applied along rows, then columns."""
+    if shape not in FEATHER_SHAPES:
+        raise RegionError(f"feather shape must be one of {', '.join(FEATHER_SHAPES)}, not {shape!r}")
+    if int(feather) != feather or feather < 0:
+        raise RegionError(f"feather must be a whole number of pixels, 0 or more, not {feather}")
+    feather = int(feather)
+    taps = np.arange(-feather, feather + 1, dtype=np.float64)
+    if shape == "gaussian" and feather:
+        kernel = np.exp(-0.5 * (taps / (feather / 2.0)) ** 2)
+    else:
+        kernel = np.ones_like(taps)
+    return kernel / kernel.sum()
+
+
+def labels_to_masks(labels: np.ndarray, count: int, feather: int = 0, shape: str = "gaussian") -> np.ndarray:
+    """float32 [count, H, W]: mask i is 1 where labels == i, feathered as the module docstring says."""
+    import cv2
+
+    kernel = feather_kernel(feather, shape)
+    labels = np.asarray(labels)
+    hard = np.stack([labels == i for i in range(count)]).astype(np.float32)
+    if len(kernel) == 1:
+        return hard
+    background = (labels == BACKGROUND)[None].astype(np.float32)
+    maps = np.concatenate([hard, background]) if background.any() else hard
+    soft = np.stack([cv2.sepFilter2D(m.astype(np.float64), cv2.CV_64F, kernel, kernel,
+                                     borderType=cv2.BORDER_REPLICATE) for m in maps])
+    soft = np.clip(soft, 0.0, 1.0)
+    soft /= np.maximum(soft.sum(axis=0, keepdims=True), 1.0)  # 1 up to rounding already: said, not assumed
+    # Rounded down to multiples of 2**-QUANTUM_BITS: float32 sums of such values are exact, so the
+    # masks sum to <= 1 at every pixel with no rounding slack (and lose at most 1e-6 each).
+    return (np.floor(soft[:count] * 2.0 ** QUANTUM_BITS) / 2.0 ** QUANTUM_BITS).astype(np.float32)
+
+
+# ------------------------------------------------------------------------------------------------
+# The two sources
+# ------------------------------------------------------------------------------------------------
+def image_size(image) -> tuple[int, int]:
+    """(height, width) of one ComfyUI IMAGE ([H, W, C] or a batch of one [1, H, W, C])."""
+    shape = tuple(getattr(image, "shape", np.shape(image)))
+    if len(shape) == 4:
+        if shape[0] != 1:
+            raise RegionError(f"the layout image is a batch of {shape[0]} images; regions are made from one: "
+                              f"pick one with ImageFromBatch (batch_index, length 1).")
+        shape = shape[1:]
+    if len(shape) not in (2, 3) or min(shape[:2]) < 1:
+        raise RegionError(f"expected one image [H, W, C], got shape {shape}")
+    return int(shape[0]), int(shape[1])
+
+
+def face_regions(analyzer: FaceAnalyzer, image, count: int, mode: str = "grow", *, grow: GrowShape = GrowShape(),
+                 size_weighted: bool = False, feather: int = 0, feather_shape: str = "gaussian") -> Regions:
+    """Regions for `count` persons from the faces of one layout image, at its size."""
+    if mode not in FACE_MODES:
+        raise RegionError(f"face mode must be one of {', '.join(FACE_MODES)}, not {mode!r}")
+    height, width = image_size(image)
+    feather_kernel(feather, feather_shape)  # bad settings fail before the detector runs
+    bboxes, _, _ = detect_faces(analyzer, to_bgr_uint8(image))
+    bboxes = np.asarray(bboxes, np.float32).reshape(-1, 5)
+    chosen, unused = choose_faces(bboxes, count, f"the layout image ({width}x{height})")
+    faces = bboxes[chosen]
+    labels = face_labels(faces[:, :4], height, width, mode, grow, size_weighted)
+    return Regions(labels_to_masks(labels, count, feather, feather_shape), labels, mode, faces, bboxes[unused])
+
+
+def split_regions(mode: str, count: int, height: int, width: int, *, columns: int = 0, feather: int = 0,
+                  feather_shape: str = "gaussian") -> Regions:
+    """Regions for `count` persons from a columns / rows / grid split of a height x width canvas."""
+    labels = split_labels(mode, count, height, width, columns)
+    return Regions(labels_to_masks(labels, count, feather, feather_shape), labels, mode)
+
+
+# ------------------------------------------------------------------------------------------------
+# Preview
+# ------------------------------------------------------------------------------------------------
+def draw_regions(masks: np.ndarray, image=None, faces: np.ndarray | None = None, unused: np.ndarray | None = None,
+                 opacity: float = DEFAULT_OPACITY) -> np.ndarray:
+    """float32 RGB [H, W, 3]: mask i tinted in person_colour(i) and labelled "mask i" over the image
+    (a grey canvas without one); in face modes each taken face boxed in its person's colour and
+    labelled "face i", faces left out boxed in grey and labelled "not used"."""
+    masks = np.asarray(masks, np.float32)
+    height, width = masks.shape[1:]
+    if image is None:
+        before = np.full((height, width, 3), SPLIT_CANVAS_GREY, np.uint8)
+    else:
+        image_h, image_w = image_size(image)
+        if (image_h, image_w) != (height, width):
+            raise RegionError(f"the preview image is {image_w}x{image_h} but the masks are {width}x{height}")
+        before = to_rgb_uint8(image)
+    canvas = before.copy()
+    style = style_for(height, width)
+    tint_masks(canvas, masks, opacity, style)
+    rows = [] if faces is None else [(row, person_colour(i), f"face {i}") for i, row in enumerate(faces)]
+    rows += [] if unused is None else [(row, UNMATCHED, "not used") for row in unused]
+    for row, colour, _ in rows:
+        draw_box(canvas, row, colour, style)
+    for row, colour, text in rows:
+        draw_label(canvas, text, row[0], row[1], colour, style)
+    if image is None:
+        return canvas.astype(np.float32) / 255.0
+    return np.ascontiguousarray(merge_drawing(image, before, canvas)[:, :, :3])

@@ -1,0 +1,104 @@
+"""FaceStudio Regions: one region mask per person, from a layout image's faces or a split."""
+import logging
+
+from comfy_api.latest import io, ui
+
+from ..encoders.regions import (FACE_MODES, FEATHER_SHAPES, GROW_DOWN, GROW_UP, GROW_WIDTH, MODES, GrowShape,
+                                RegionError, face_regions, split_regions)
+from .types import FaceStudioFaceAnalyzer
+
+logger = logging.getLogger("FaceStudio.regions")
+
+
+class FaceStudioRegions(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="FaceStudioRegions",
+            display_name="FaceStudio Regions",
+            category="FaceStudio/faces",
+            description="Makes one region mask per person (a MASK batch: mask i for person i, the mask_index of "
+                        "FaceStudio Person) from the faces of a layout image, numbered left to right as Encode "
+                        "Identity's index and Face Preview count them, or from a columns / rows / grid split; "
+                        "and a preview of the regions in each person's colour.",
+            inputs=[
+                io.Combo.Input("mode", options=list(MODES), default=MODES[0],
+                               tooltip="grow: each face box grown to the person's head and upper body (needs the "
+                                       "image and a face analyzer). partition: every pixel to the nearest face, so "
+                                       "the regions cover the image without overlapping (same needs). columns / "
+                                       "rows / grid: an even split, no faces needed. No two regions overlap, and "
+                                       "in grow and partition no region covers another person's face."),
+                io.Int.Input("count", default=2, min=1, max=32,
+                             tooltip="How many persons (masks). With faces: fewer faces than this is an error; "
+                                     "with more, the largest faces are taken (then numbered left to right)."),
+                io.Image.Input("image", optional=True,
+                               tooltip="The layout image (one image): its faces place the regions (grow, "
+                                       "partition) and its size is the masks' size (all modes)."),
+                FaceStudioFaceAnalyzer.Input("face_analyzer", optional=True,
+                                             tooltip="From FaceStudio Load Face Analyzer; needed by grow and "
+                                                     "partition. Use the one your Encode Identity nodes use."),
+                io.Int.Input("width", default=512, min=1, max=16384, step=8,
+                             tooltip="The masks' width for a split without an image (ignored when an image is "
+                                     "connected). Any size works: FaceStudio Apply resizes masks to the latent."),
+                io.Int.Input("height", default=512, min=1, max=16384, step=8,
+                             tooltip="The masks' height for a split without an image (ignored when an image is "
+                                     "connected)."),
+                io.Int.Input("feather", default=0, min=0, max=512,
+                             tooltip="Soft borders: the width in pixels over which a region fades into its "
+                                     "neighbour on each side of the border (0: hard). Masks still sum to at "
+                                     "most 1 at every pixel."),
+                io.Combo.Input("feather_shape", options=list(FEATHER_SHAPES), default=FEATHER_SHAPES[0],
+                               tooltip="gaussian: a smooth S-shaped fade; linear: a straight ramp across a "
+                                       "straight border."),
+                io.Float.Input("grow_width", default=GROW_WIDTH, min=1.0, max=12.0, step=0.1,
+                               tooltip="grow: the region's width in face-box widths, centred on the face "
+                                       "(3: about the shoulders)."),
+                io.Float.Input("grow_up", default=GROW_UP, min=0.0, max=5.0, step=0.1,
+                               tooltip="grow: how far the region reaches above the face box, in face-box heights "
+                                       "(0.5: the top of the head and hair)."),
+                io.Float.Input("grow_down", default=GROW_DOWN, min=0.0, max=20.0, step=0.1,
+                               tooltip="grow: how far the region reaches below the face box, in face-box heights "
+                                       "(3: about the waist; 7 or more for a standing full figure)."),
+                io.Boolean.Input("size_weighted", default=False,
+                                 tooltip="grow, partition: measure the distance to each face in units of its size, "
+                                         "so a larger (nearer) face claims more of the space between two faces. "
+                                         "Off: plain nearest face centre (straight borders)."),
+                io.Int.Input("grid_columns", default=0, min=0, max=32,
+                             tooltip="grid: regions per row (0: automatic, the square root of count rounded up). "
+                                     "Regions go row by row, left to right; a shorter last row shares the width."),
+            ],
+            outputs=[
+                io.Mask.Output(display_name="masks", tooltip="A MASK batch [count, H, W]: mask i for person i "
+                                                             "(FaceStudio Person's mask_index), values in 0..1."),
+                io.Image.Output(display_name="preview", tooltip="The regions tinted in each person's colour and "
+                                                                "labelled, over the layout image (grey without "
+                                                                "one); face boxes labelled by number."),
+            ],
+            is_output_node=True,  # shows its preview when queued on its own, as Face Preview does
+        )
+
+    @classmethod
+    def execute(cls, mode: str, count: int, width: int, height: int, feather: int, feather_shape: str,
+                grow_width: float, grow_up: float, grow_down: float, size_weighted: bool, grid_columns: int,
+                image=None, face_analyzer=None) -> io.NodeOutput:
+        import torch
+
+        if mode in FACE_MODES:
+            if image is None or face_analyzer is None:
+                missing = " and ".join(n for n, v in (("a layout image", image), ("a face analyzer", face_analyzer))
+                                       if v is None)
+                raise RegionError(f"mode {mode!r} places the regions by the faces of a layout image: connect "
+                                  f"{missing} (FaceStudio Load Face Analyzer), or choose columns, rows or grid.")
+            regions = face_regions(face_analyzer, image, count, mode,
+                                   grow=GrowShape(grow_width, grow_up, grow_down), size_weighted=size_weighted,
+                                   feather=feather, feather_shape=feather_shape)
+        else:
+            if image is not None:  # any batch: only its size is used
+                height, width = int(image.shape[-3]), int(image.shape[-2])
+            regions = split_regions(mode, count, height, width, columns=grid_columns, feather=feather,
+                                    feather_shape=feather_shape)
+        logger.info("FaceStudio Regions (%s): %d masks of %dx%d.", mode, count, regions.masks.shape[2],
+                    regions.masks.shape[1])
+        layout = None if image is None else image[0] if image.ndim == 4 else image
+        preview = torch.from_numpy(regions.preview(layout))[None]
+        return io.NodeOutput(torch.from_numpy(regions.masks), preview, ui=ui.PreviewImage(preview, cls=cls))

@@ -1,0 +1,434 @@
+"""Automatic regions (encoders/regions.py, FaceStudio Regions): from the faces of insightface's
+six-person photo with the trained YuNet + SFace pack, from splits, feathered; and in the host's real
+executor, feeding FaceStudio Person -> Apply -> KSampler and the host's ConditioningSetMask."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from facestudio_testing import adapter_files as af
+from facestudio_testing import face_models as fm
+from facestudio_testing import face_photos as fp
+from facestudio_testing import graphs
+
+pytestmark = pytest.mark.filterwarnings("ignore:.*estimate.*deprecated:FutureWarning")
+
+FACEID = "fs_regions_faceid_sd15.safetensors"
+
+
+@pytest.fixture(scope="module")
+def regions(booted):
+    return booted.pack_module("encoders.regions")
+
+
+@pytest.fixture(scope="module")
+def faces(booted):
+    return booted.pack_module("encoders.faces")
+
+
+@pytest.fixture(scope="module")
+def real(faces):
+    return faces.load_face_analyzer(fm.real_pack(), providers="cpu")
+
+
+@pytest.fixture(scope="module")
+def t1():
+    return fp.t1()
+
+
+@pytest.fixture(scope="module")
+def left_to_right(faces, real, t1):
+    """The six face boxes in Encode Identity's left-to-right order (its `index`)."""
+    embedded = faces.detect_and_embed(real, t1, select="left-to-right")
+    assert len(embedded) == 6
+    return np.stack([f.bbox for f in embedded])
+
+
+@pytest.fixture(scope="module")
+def on_t1(regions, real, t1):
+    image = fp.comfy_float(t1)
+    return {mode: regions.face_regions(real, image, 6, mode) for mode in ("grow", "partition")}
+
+
+def centre(box) -> tuple[int, int]:
+    """(row, column) of the pixel under a box's centre."""
+    return int((box[1] + box[3]) / 2), int((box[0] + box[2]) / 2)
+
+
+def interior(box) -> tuple[slice, slice]:
+    """The pixels whose centres lie inside a box (x1 y1 x2 y2), as index slices."""
+    x1, y1, x2, y2 = (float(v) for v in box[:4])
+    return (slice(int(np.ceil(y1 - 0.5)), int(np.floor(y2 - 0.5)) + 1),
+            slice(int(np.ceil(x1 - 0.5)), int(np.floor(x2 - 0.5)) + 1))
+
+
+def borders(labels: np.ndarray, radius: int) -> np.ndarray:
+    """True where a (2 radius + 1)^2 window around the pixel holds more than one label."""
+    import cv2
+
+    kernel = np.ones((2 * radius + 1, 2 * radius + 1), np.uint8)
+    as_float = labels.astype(np.float32)
+    return cv2.dilate(as_float, kernel, borderType=cv2.BORDER_REPLICATE) != \
+        cv2.erode(as_float, kernel, borderType=cv2.BORDER_REPLICATE)
+
+
+# ------------------------------------------------------------------------------------------------
+# From faces
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("mode", ["grow", "partition"])
+def test_six_regions_left_to_right_each_holding_its_own_face_only(regions, on_t1, left_to_right, mode):
+    result = on_t1[mode]
+    masks = result.masks
+    assert masks.shape == (6, 886, 1280) and masks.dtype == np.float32
+    assert set(np.unique(masks)) <= {0.0, 1.0}  # unfeathered: hard
+    np.testing.assert_allclose(result.faces[:, :4], left_to_right, atol=1e-4)  # Encode Identity's numbering
+    total = masks.sum(axis=0)
+    assert total.max() == 1.0  # never two regions on one pixel
+    for i, box in enumerate(left_to_right):
+        assert (masks[i][interior(box)] == 1.0).all(), i  # its whole face box
+        for j, other in enumerate(left_to_right):
+            assert masks[i][centre(other)] == (1.0 if i == j else 0.0), (i, j)
+        assert np.array_equal(masks[i] == 1.0, result.labels == i)
+    if mode == "partition":
+        assert (total == 1.0).all()  # covers the image
+    else:
+        assert 0.1 < (total == 0.0).mean() < 0.5  # leaves the background to nobody
+
+
+def test_partition_is_the_nearest_face_centre(regions, on_t1, left_to_right):
+    labels = on_t1["partition"].labels
+    centres = np.stack([(left_to_right[:, 0] + left_to_right[:, 2]) / 2,
+                        (left_to_right[:, 1] + left_to_right[:, 3]) / 2], axis=1)
+    rng = np.random.default_rng(0)
+    for y, x in zip(rng.integers(0, 886, 400), rng.integers(0, 1280, 400)):
+        inside = [i for i, b in enumerate(left_to_right) if b[0] <= x + 0.5 <= b[2] and b[1] <= y + 0.5 <= b[3]]
+        distance = ((centres - (x + 0.5, y + 0.5)) ** 2).sum(axis=1)
+        assert labels[y, x] == (inside[0] if inside else int(np.argmin(distance))), (y, x)
+    # Size-weighted: the largest face (2) claims more, the smallest (5) less.
+    weighted = regions.face_labels(left_to_right, 886, 1280, "partition", size_weighted=True)
+    areas = [(weighted == i).sum() - (labels == i).sum() for i in range(6)]
+    assert areas[2] > 0 and areas[5] < 0
+    for i, box in enumerate(left_to_right):
+        assert weighted[centre(box)] == i
+
+
+def test_grow_reaches_down_the_body_inside_its_rectangle(regions, on_t1, left_to_right):
+    labels = on_t1["grow"].labels
+    grown = regions.GrowShape().boxes(left_to_right)
+    ys, xs = np.mgrid[0:886, 0:1280] + 0.5
+    for i, (box, (gx1, gy1, gx2, gy2)) in enumerate(zip(left_to_right, grown)):
+        mine = labels == i
+        assert ((xs[mine] >= gx1) & (xs[mine] <= gx2) & (ys[mine] >= gy1) & (ys[mine] <= gy2)).all(), i
+        height = box[3] - box[1]
+        row, column = int(box[3] + 2.9 * height), int((box[0] + box[2]) / 2)  # towards the waist
+        assert labels[min(row, 885), column] == i, i
+        below = int(box[3] + 3.2 * height)  # past grow_down = 3
+        if below < 886:
+            assert labels[below, column] != i, i
+    # Wider with grow_width, and up to the image's bottom with a long grow_down.
+    wide = regions.face_labels(left_to_right[:1], 886, 1280, "grow", regions.GrowShape(width=5.0, down=6.0))
+    assert (wide == 0).sum() > (labels == 0).sum() and wide[885, 111] == 0
+    with pytest.raises(regions.RegionError, match="grow width must be at least 1 face width"):
+        regions.GrowShape(width=0.5)
+
+
+def test_ties_go_to_the_face_further_left(regions):
+    two = np.array([[10, 10, 21, 20], [30, 10, 41, 20]], np.float64)  # centres x = 15.5 and 35.5
+    labels = regions.face_labels(two, 30, 50, "partition")
+    assert (labels[:, :26] == 0).all() and (labels[:, 26:] == 1).all()  # pixel 25 (centre 25.5) ties: face 0
+    overlapping = np.array([[10, 10, 30, 30], [20, 10, 40, 30]], np.float64)  # boxes overlap on x 20..30
+    labels = regions.face_labels(overlapping, 40, 50, "grow")
+    assert (labels[15, 20:25] == 0).all() and (labels[15, 25:30] == 1).all()  # nearer centre in the overlap
+
+
+def test_more_faces_than_count_takes_the_largest_and_fewer_is_a_clear_error(regions, booted, real, t1,
+                                                                            left_to_right):
+    image = fp.comfy_float(t1)
+    two = regions.face_regions(real, image, 2, "partition")
+    areas = (left_to_right[:, 2] - left_to_right[:, 0]) * (left_to_right[:, 3] - left_to_right[:, 1])
+    largest = sorted(np.argsort(-areas)[:2])  # faces 0 and 2, kept in left-to-right order
+    assert largest == [0, 2]
+    np.testing.assert_allclose(two.faces[:, :4], left_to_right[largest], atol=1e-4)
+    assert len(two.unused) == 4 and two.masks.shape == (2, 886, 1280)
+    assert (two.masks.sum(axis=0) == 1.0).all()
+    drawn = two.preview(image)  # the faces left out: boxed in grey
+    for box in left_to_right[[1, 3, 4, 5]]:
+        row, column = int(round((box[1] + box[3]) / 2)), int(round(box[0]))
+        assert np.rint(drawn[row, column] * 255).tolist() == list(booted.pack_module("encoders.drawing").UNMATCHED)
+
+    with pytest.raises(regions.RegionError) as error:
+        regions.face_regions(real, image, 7, "grow")
+    message = str(error.value)
+    assert "The layout image (1280x886) has 6 faces but count asks for 7 persons" in message
+    assert "Set count to 6 or fewer" in message and "Face Preview" in message
+    with pytest.raises(regions.RegionError, match=r"The layout image \(400x300\) has no face the analyzer can find"):
+        regions.face_regions(real, fp.comfy_float(fp.faceless(300, 400)), 1, "partition")
+    with pytest.raises(regions.RegionError, match="a batch of 2 images; regions are made from one"):
+        regions.face_regions(real, np.stack([image, image]), 2, "grow")
+
+
+# ------------------------------------------------------------------------------------------------
+# Splits
+# ------------------------------------------------------------------------------------------------
+def rectangles(masks: np.ndarray) -> list[tuple[int, int, int, int]]:
+    """(top, bottom, left, right) of each mask's support, checked to be a filled rectangle of 1s."""
+    out = []
+    for mask in masks:
+        ys, xs = np.nonzero(mask)
+        top, bottom, left, right = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
+        assert (mask[top:bottom, left:right] == 1.0).all() and mask.sum() == (bottom - top) * (right - left)
+        out.append((int(top), int(bottom), int(left), int(right)))
+    return out
+
+
+@pytest.mark.parametrize("mode, count, columns, expected", [
+    ("columns", 3, 0, [(0, 50, 0, 33), (0, 50, 33, 66), (0, 50, 66, 100)]),
+    ("rows", 4, 0, [(0, 12, 0, 100), (12, 25, 0, 100), (25, 37, 0, 100), (37, 50, 0, 100)]),
+    ("grid", 4, 0, [(0, 25, 0, 50), (0, 25, 50, 100), (25, 50, 0, 50), (25, 50, 50, 100)]),
+    ("grid", 5, 0, [(0, 25, 0, 33), (0, 25, 33, 66), (0, 25, 66, 100), (25, 50, 0, 50), (25, 50, 50, 100)]),
+    ("grid", 5, 2, [(0, 16, 0, 50), (0, 16, 50, 100), (16, 33, 0, 50), (16, 33, 50, 100), (33, 50, 0, 100)]),
+    ("columns", 1, 0, [(0, 50, 0, 100)]),
+])
+def test_splits_are_the_expected_rectangles_and_sum_to_one(regions, mode, count, columns, expected):
+    result = regions.split_regions(mode, count, 50, 100, columns=columns)
+    assert result.masks.shape == (count, 50, 100) and result.masks.dtype == np.float32
+    assert rectangles(result.masks) == expected
+    assert (result.masks.sum(axis=0) == 1.0).all()
+
+
+def test_bad_splits_are_clear_errors(regions):
+    with pytest.raises(regions.RegionError, match="9 columns do not fit in a width of 8 pixels"):
+        regions.split_regions("columns", 9, 8, 8)
+    with pytest.raises(regions.RegionError, match="count must be a whole number of persons, 1 or more"):
+        regions.split_regions("rows", 0, 8, 8)
+    with pytest.raises(regions.RegionError, match="split mode must be one of columns, rows, grid"):
+        regions.split_regions("diagonal", 2, 8, 8)
+
+
+# ------------------------------------------------------------------------------------------------
+# Feathering
+# ------------------------------------------------------------------------------------------------
+def test_linear_feathering_is_a_ramp_across_the_border(regions):
+    feather = 6
+    masks = regions.split_regions("columns", 2, 20, 64, feather=feather, feather_shape="linear").masks
+    row = masks[0, 10].astype(np.float64)
+    border = 32
+    ramp = row[border - feather - 1:border + feather + 1]
+    np.testing.assert_allclose(np.diff(ramp), -1.0 / (2 * feather + 1), atol=1e-5)
+    assert (row[:border - feather] == 1.0).all() and (row[border + feather:] == 0.0).all()
+    assert ((masks[0] + masks[1]) <= 1.0).all() and ((masks[0] + masks[1]) > 1.0 - 1e-5).all()
+    assert (masks[:, :, :] == masks[:, :1, :]).all()  # a vertical border: every row the same
+
+
+def test_gaussian_feathering_is_soft_symmetric_and_local(regions):
+    feather = 8
+    masks = regions.split_regions("columns", 2, 10, 64, feather=feather).masks
+    row = masks[0, 5].astype(np.float64)
+    assert 0.5 < row[31] < 1.0 and 0.0 < row[32] < 0.5
+    np.testing.assert_allclose(row[31 - np.arange(feather)] + row[32 + np.arange(feather)], 1.0, atol=1e-5)
+    assert (np.diff(row) <= 0).all()
+    assert (row[:32 - feather] == 1.0).all() and (row[32 + feather:] == 0.0).all()
+
+
+@pytest.mark.parametrize("mode", ["partition", "grow"])
+@pytest.mark.parametrize("shape", ["gaussian", "linear"])
+def test_feathered_face_regions_stay_in_range_and_sum_to_at_most_one(regions, real, t1, on_t1, mode, shape):
+    feather = 24
+    soft = regions.face_regions(real, fp.comfy_float(t1), 6, mode, feather=feather, feather_shape=shape)
+    masks, hard = soft.masks, on_t1[mode]
+    assert masks.dtype == np.float32 and masks.min() >= 0.0 and masks.max() <= 1.0
+    total = masks.sum(axis=0)
+    assert total.max() <= 1.0  # exactly: no rounding slack
+    if mode == "partition":
+        assert total.min() > 1.0 - 1e-4
+    soft_pixels = (masks > 0) & (masks < 1)
+    assert soft_pixels.any(axis=0).mean() > 0.05  # the borders really are soft
+    far = ~borders(hard.labels, feather)  # farther than `feather` from every border: unchanged
+    np.testing.assert_array_equal(masks[:, far], hard.masks[:, far])
+    for i, box in enumerate(hard.faces):
+        assert masks[i][centre(box)] == 1.0
+
+
+def test_bad_feathering_is_a_clear_error(regions):
+    with pytest.raises(regions.RegionError, match="feather shape must be one of gaussian, linear"):
+        regions.split_regions("rows", 2, 8, 8, feather=2, feather_shape="cubic")
+    with pytest.raises(regions.RegionError, match="feather must be a whole number of pixels"):
+        regions.split_regions("rows", 2, 8, 8, feather=-1)
+
+
+# ------------------------------------------------------------------------------------------------
+# Preview
+# ------------------------------------------------------------------------------------------------
+def test_preview_tints_each_region_in_its_persons_colour(regions, booted, on_t1, t1):
+    drawing = booted.pack_module("encoders.drawing")
+    split = regions.split_regions("columns", 3, 60, 90)
+    out = split.preview()
+    assert out.shape == (60, 90, 3) and out.dtype == np.float32
+    for i, x in enumerate((2, 32, 62)):
+        grey = regions.SPLIT_CANVAS_GREY
+        expected = np.rint(grey * (1 - drawing.DEFAULT_OPACITY) + np.asarray(drawing.person_colour(i)) *
+                           drawing.DEFAULT_OPACITY)
+        np.testing.assert_array_equal(np.rint(out[2, x] * 255), expected)
+
+    result = on_t1["partition"]
+    image = fp.comfy_float(t1)
+    drawn = result.preview(image)
+    assert drawn.shape == image.shape
+    for i, box in enumerate(result.faces):  # each face box in its person's colour
+        row, column = int(round((box[1] + box[3]) / 2)), int(round(box[0]))
+        assert np.rint(drawn[row, column] * 255).tolist() == list(drawing.person_colour(i)), i
+    # Bottom left belongs to person 0, bottom right to person 5: tinted in their colours.
+    for (y, x), i in (((880, 5), 0), ((880, 1275), 5)):
+        assert result.labels[y, x] == i
+        expected = (t1[y, x] * (1 - drawing.DEFAULT_OPACITY) + np.asarray(drawing.person_colour(i)) *
+                    drawing.DEFAULT_OPACITY)
+        np.testing.assert_allclose(drawn[y, x] * 255, expected, atol=0.6)
+
+
+# ------------------------------------------------------------------------------------------------
+# The node, in the host's executor
+# ------------------------------------------------------------------------------------------------
+def regions_node(mode: str, count: int, analyzer: str | None = None, image: str | None = None, **settings) -> dict:
+    inputs = {"mode": mode, "count": count, "width": 64, "height": 64, "feather": 0, "feather_shape": "gaussian",
+              "grow_width": 3.0, "grow_up": 0.5, "grow_down": 3.0, "size_weighted": False, "grid_columns": 0}
+    inputs.update(settings)
+    if analyzer is not None:
+        inputs["face_analyzer"] = [analyzer, 0]
+    if image is not None:
+        inputs["image"] = [image, 0]
+    return {"class_type": "FaceStudioRegions", "inputs": inputs}
+
+
+def test_schema(comfy_host):
+    import nodes
+
+    info = nodes.NODE_CLASS_MAPPINGS["FaceStudioRegions"].GET_NODE_INFO_V1()
+    assert info["category"] == "FaceStudio/faces" and info["output"] == ["MASK", "IMAGE"] and info["output_node"]
+    inputs = {**info["input"]["required"], **info["input"].get("optional", {})}
+    assert sorted(info["input"]["optional"]) == ["face_analyzer", "image"]
+    assert all(spec[1].get("tooltip") for spec in inputs.values())
+    assert inputs["mode"][1]["options"] == ["grow", "partition", "columns", "rows", "grid"]
+
+
+@pytest.fixture(scope="module")
+def packs(comfy_host, booted):
+    return fp.install_packs(booted.models)
+
+
+@pytest.fixture(scope="module")
+def t1_input(booted, t1):
+    fp.save_inputs(booted.base / "input", {"fs_regions_t1.png": t1})
+    return "fs_regions_t1.png"
+
+
+@pytest.mark.parametrize("mode", ["grow", "partition"])
+def test_node_from_faces_in_the_executor(comfy_host, packs, t1_input, regions, real, t1, mode):
+    real_pack, _ = packs
+    prompt = {"1": fp.analyzer_node(real_pack), "2": fp.load_image(t1_input),
+              "3": regions_node(mode, 6, "1", "2", feather=4)}
+    result = comfy_host.run(prompt)
+    assert result.success, result.error
+    masks, preview = comfy_host.output(result, "3", 0), comfy_host.output(result, "3", 1)
+    expected = regions.face_regions(real, fp.comfy_float(t1), 6, mode, feather=4)
+    assert masks.dtype == torch.float32 and tuple(masks.shape) == (6, 886, 1280)
+    np.testing.assert_array_equal(masks.numpy(), expected.masks)
+    assert tuple(preview.shape) == (1, 886, 1280, 3)
+    np.testing.assert_array_equal(preview[0].numpy(), expected.preview(fp.comfy_float(t1)))
+    assert len(result.ui["3"]["images"]) == 1
+
+
+def test_node_errors_in_the_executor(comfy_host, packs, t1_input):
+    real_pack, _ = packs
+    prompt = {"1": fp.analyzer_node(real_pack), "2": fp.load_image(t1_input), "3": regions_node("grow", 7, "1", "2")}
+    result = comfy_host.run(prompt)
+    assert not result.success and result.error_node == "3"
+    assert "The layout image (1280x886) has 6 faces but count asks for 7 persons" in result.error
+    result = comfy_host.run({"3": regions_node("partition", 2)})
+    assert not result.success and result.error_node == "3"
+    assert "connect a layout image and a face analyzer" in result.error
+
+
+def test_split_node_takes_the_image_size_or_width_and_height(comfy_host, t1_input):
+    result = comfy_host.run({"2": fp.load_image(t1_input), "3": regions_node("rows", 3, image="2"),
+                             "4": regions_node("grid", 3, width=40, height=24)})
+    assert result.success, result.error
+    by_image, by_size = comfy_host.output(result, "3", 0), comfy_host.output(result, "4", 0)
+    assert tuple(by_image.shape) == (3, 886, 1280) and tuple(by_size.shape) == (3, 24, 40)
+    assert rectangles(by_size.numpy()) == [(0, 12, 0, 20), (0, 12, 20, 40), (12, 24, 0, 40)]
+    assert tuple(comfy_host.output(result, "4", 1).shape) == (1, 24, 40, 3)
+
+
+# ---- masks into FaceStudio Person -> Apply -> KSampler, and into ConditioningSetMask ----
+
+
+@pytest.fixture(scope="module")
+def sampling(comfy_host, booted, tiny_sd15, packs):
+    import folder_paths
+
+    fp.save_inputs(booted.base / "input", {"fs_regions_a.png": fm.tiny_face_image(),
+                                           "fs_regions_b.png": fm.tiny_face_image(((6, 6, "green"),))})
+    adapter = af.write_adapter(booted.models / "ipadapter" / FACEID, af.shared_state_dict("faceid", af.SD15))
+    folder_paths.filename_list_cache.pop("ipadapter", None)
+    yield tiny_sd15
+    adapter.unlink()
+    folder_paths.filename_list_cache.pop("ipadapter", None)
+
+
+def one_mask(g: graphs.Graph, masks: list, index: int) -> list:
+    """Mask `index` of a MASK batch with the host's own nodes (MaskToImage -> ImageFromBatch -> ImageToMask)."""
+    image = g.add("MaskToImage", {"mask": masks})
+    picked = g.add("ImageFromBatch", {"image": [image, 0], "batch_index": index, "length": 1})
+    return [g.add("ImageToMask", {"image": [picked, 0], "channel": "red"}), 0]
+
+
+def two_person_graph(checkpoint: str, masks_to_persons: bool, swap: bool = False) -> graphs.Graph:
+    """Two persons left and right (a columns split), each with its own prompt in its region through
+    ConditioningSetMask, and (when `masks_to_persons`) its own identity region in FaceStudio Person."""
+    g = graphs.txt2img(checkpoint, output="latent", seed=7, steps=1)
+    g.add("FaceStudioRegions", regions_node("columns", 2, width=64, height=64)["inputs"], "regions")
+    prompts = []
+    for i, text in enumerate(("a woman with red hair", "a man with a beard")):
+        encoded = g.add("CLIPTextEncode", {"text": text, "clip": g.clip})
+        mask = one_mask(g, g.link("regions"), i)
+        prompts.append(g.add("ConditioningSetMask", {"conditioning": [encoded, 0], "mask": mask, "strength": 1.0,
+                                                     "set_cond_area": "default"}, f"prompt{i}"))
+    combined = g.add("ConditioningCombine", {"conditioning_1": [prompts[0], 0], "conditioning_2": [prompts[1], 0]})
+    g.prompt[g["sampler"]]["inputs"]["positive"] = [combined, 0]
+    persons = None
+    for i, photo in enumerate(("fs_regions_a.png", "fs_regions_b.png")):
+        g.add("FaceStudioFaceAnalyzerLoader", {"pack": fm.TINY_PACK, "provider": "CPU", "det_size": 640},
+              f"analyzer{i}")
+        g.add("LoadImage", {"image": photo}, f"photo{i}")
+        g.add("FaceStudioIdentityEncode", {"face_analyzer": g.link(f"analyzer{i}"), "image": g.link(f"photo{i}"),
+                                           "face": "largest", "index": 0, "on_missing": "error",
+                                           "outlier_threshold": 0.4}, f"identity{i}")
+        inputs = {"identity": g.link(f"identity{i}"), "weight": 1.0, "start": 0.0, "end": 1.0,
+                  "mask_index": (1 - i) if swap else i}
+        if masks_to_persons:
+            inputs["mask"] = g.link("regions")
+        if persons is not None:
+            inputs["persons"] = persons
+        persons = [g.add("FaceStudioPerson", inputs), 0]
+    loader = g.add("FaceStudioAdapterLoader", {"adapter_name": FACEID, "kind": "auto"})
+    g.insert_model_node("FaceStudioApply", {"adapter": [loader, 0], "persons": persons, "alpha": 0.5,
+                                            "style_weight": 1.0})
+    return g
+
+
+def test_split_regions_route_two_persons_and_per_person_prompts(comfy_host, sampling):
+    latents = {}
+    for case, kwargs in (("masked", {"masks_to_persons": True}), ("unmasked", {"masks_to_persons": False}),
+                         ("swapped", {"masks_to_persons": True, "swap": True})):
+        g = two_person_graph(sampling, **kwargs)
+        result = comfy_host.run(g.prompt)
+        assert result.success, (case, result.error)
+        latents[case] = comfy_host.output(result, g["sampler"])["samples"]
+        masks = comfy_host.output(result, g["regions"])
+        assert rectangles(masks.numpy()) == [(0, 64, 0, 32), (0, 64, 32, 64)]
+        for i in range(2):  # each prompt carries its person's region
+            ((_, options),) = comfy_host.output(result, g[f"prompt{i}"])
+            assert torch.equal(options["mask"], masks[i:i + 1]), (case, i)
+    assert torch.isfinite(latents["masked"]).all()
+    assert (latents["masked"] - latents["unmasked"]).abs().max() > 1e-3
+    assert (latents["masked"] - latents["swapped"]).abs().max() > 1e-3
