@@ -477,3 +477,26 @@ def test_a_person_out_of_its_steps_does_not_share_the_region(booted):
                                           patch_mod.PersonLayer(b, b, 1.0, 2.0, 0.0, None)], None, 0.5)
     alone = patch_mod.FaceStudioAttention([patch_mod.PersonLayer(a, a, 1.0, 10.0, 0.0, None)], None, 0.5)
     torch.testing.assert_close(both(q, k, v, extra), alone(q, k, v, extra), atol=1e-6, rtol=0)
+
+
+def test_token_kv_are_made_once_per_apply_never_while_sampling(booted, loaded, monkeypatch):
+    import comfy.sample
+
+    patch = booted.pack_module("attention.patch")
+    calls = {"layer_kv": 0, "_build_groups": 0}
+    for name in calls:
+        real = getattr(patch, name)
+
+        def counted(*args, _real=real, _name=name, **kwargs):
+            calls[_name] += 1
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(patch, name, counted)
+    model, adapter, (a, b) = loaded
+    patched = patch.apply_facestudio(model, adapter, patch.add_person(patch.add_person(None, a), b))
+    layers = len(replacements(patched))
+    assert calls == {"layer_kv": 4, "_build_groups": layers}  # 2 persons x (cond, uncond); one layout per layer
+    positive = [[torch.zeros(1, 77, 768), {}]]
+    comfy.sample.sample(patched, torch.randn(1, 4, 8, 8), 3, 5.0, "euler", "normal", positive, positive,
+                        torch.zeros(1, 4, 8, 8), disable_pbar=True)
+    assert calls == {"layer_kv": 4, "_build_groups": layers}  # sampling only reads the store
