@@ -352,24 +352,40 @@ def _read_safetensors(path: str, source: str) -> dict[str, Any]:
                            "Download it again.") from None
 
 
+# What the weights-only unpickler says when a pickle asks for code (a global or a call), as opposed to a
+# pickle that is merely cut off or garbled.
+_CODE_REFUSALS = ("GLOBAL", "unrecognized function", "add_safe_globals")
+
+
+def _reason(error: BaseException) -> str:
+    """The informative line of a loader exception (torch's weights-only errors lead with a long preamble)."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(error))
+    if "WeightsUnpickler error:" in text:
+        text = text.split("WeightsUnpickler error:", 1)[1]
+    line = next((part.strip() for part in text.splitlines() if part.strip()), "unexpected end of file")
+    return f"{type(error).__name__}: {line[:200]}"
+
+
 def _read_pickle(path: str, source: str) -> dict[str, Any]:
     try:
         # weights_only: the unpickler builds tensors and containers only and refuses any other global,
         # so a crafted pickle is rejected before it can run anything.
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        if "Weights only load failed" not in str(e):  # a cut-off legacy pickle, not a refusal
-            raise AdapterError(f"{source} is truncated or corrupt ({e}). Download it again.") from None
-        culprit = re.search(r"GLOBAL ([\w.]+)", str(e))
+        text = str(e)
+        if not any(marker in text for marker in _CODE_REFUSALS):  # a cut-off or garbled pickle, not a refusal
+            raise AdapterError(f"{source} is truncated or corrupt, or not a PyTorch file ({_reason(e)}). "
+                               "Download it again.") from None
+        culprit = re.search(r"GLOBAL ([\w.]+)", text)
         called = f" ({culprit.group(1)})" if culprit else ""
         raise AdapterError(
             f"Refused to load {source}: besides tensors its pickle asks to call Python code{called}, which "
             "could run anything on this machine. Release IP-Adapter "
             ".bin files hold tensors only, so this file is not one, or it was tampered with. "
             "Use the .safetensors version of the adapter from its official source.") from None
-    except (RuntimeError, EOFError, OSError, ValueError, KeyError, IndexError) as e:
-        raise AdapterError(f"{source} is truncated or corrupt, or not a PyTorch file ({type(e).__name__}: "
-                           f"{str(e).splitlines()[0] if str(e) else 'unexpected end of file'}). "
+    except Exception as e:  # noqa: BLE001 - torch.load on a damaged file raises struct.error, EOFError,
+        # RuntimeError (zip reader), UnicodeDecodeError, ...: whatever it is, the file is not whole.
+        raise AdapterError(f"{source} is truncated or corrupt, or not a PyTorch file ({_reason(e)}). "
                            "Download it again.") from None
 
 

@@ -69,6 +69,10 @@ def add_person(persons: Sequence[Person] | None, identity, mask: torch.Tensor | 
             raise ValueError(f"mask_index {mask_index} is out of range: the mask batch has {mask.shape[0]} mask(s) "
                              f"(use 0..{mask.shape[0] - 1})")
         mask = mask[mask_index:mask_index + 1].detach().float().cpu().clone()
+        if not bool(mask.max() > 0):
+            raise ValueError(f"mask_index {mask_index} selects an all zero (empty) mask: this person would not appear "
+                             "anywhere. Paint the person's region white, pick another mask_index, or disconnect the "
+                             "mask to use the whole image.")
     return tuple(persons or ()) + (Person(identity, mask, float(weight), float(start), float(end), negative),)
 
 
@@ -301,6 +305,11 @@ def _identity_inputs(adapter: IPAdapterWeights, identity, what: str = "The ident
             raise AdapterError(f"{adapter.source} is {kind.label}, which also reads CLIP vision features of the face "
                                f"({what.lower()} has none): connect a CLIP vision model (ViT-H) to FaceStudio Encode "
                                "Identity and encode again.")
+        if identity.clip_width != adapter.clip_width:
+            raise AdapterError(f"{what} was encoded with a CLIP vision model whose hidden states are "
+                               f"{identity.clip_width} wide, but {adapter.source} ({kind.label}) reads "
+                               f"{adapter.clip_width}: connect the CLIP vision model the adapter was trained with "
+                               "(ViT-H) to FaceStudio Encode Identity and encode again.")
         clip = torch.from_numpy(np.array(identity.combined_clip_features, np.float32))[None]
         uncond_clip = torch.from_numpy(np.array(identity.unconditional_clip_features, np.float32))[None]
     return torch.from_numpy(np.array(emb, np.float32)), clip, uncond_clip, emb.shape[0]

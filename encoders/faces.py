@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import warnings
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -51,6 +52,11 @@ CPU = "CPUExecutionProvider"
 # is retried on the photo shrunk this many times (see detect_faces).
 RETRY_FACTORS = (2, 4)
 RETRY_BELOW_SCORE = 0.7
+# SCRFD's smallest anchors are 16 px at its input size (for "no face" messages). A face box narrower
+# than MIN_FACE_PIXELS in the photo's own pixels holds too little to recognise: detectors still "find"
+# faces in 8-px thumbnails (YuNet, upscaled: a 6x7 px box scoring 0.55), whose embeddings mean nothing.
+MIN_DETECTED_PIXELS = 16
+MIN_FACE_PIXELS = 20
 Selection = Literal["largest", "index", "left-to-right"]
 SELECTIONS = ("largest", "index", "left-to-right")
 
@@ -519,12 +525,7 @@ def detect_and_embed(
     bboxes, kpss, used = detect_faces(analyzer, bgr)
     height, width = bgr.shape[:2]
     if not len(bboxes):
-        tried = ", ".join(f"{analyzer.det_size[0] // f}x{analyzer.det_size[1] // f}" for f in (1,) + RETRY_FACTORS)
-        raise FaceNotFound(
-            f"No face found in image {image_index} ({width}x{height}) at detection sizes {tried}, "
-            f"threshold {analyzer.det_thresh}. Use a photo where the face is clearly visible and frontal.",
-            image_index,
-        )
+        raise FaceNotFound(_no_face_message(analyzer, image_index, width, height), image_index)
     centers = (bboxes[:, 0] + bboxes[:, 2]) / 2
     order = sorted(range(len(bboxes)), key=lambda i: (centers[i], bboxes[i, 1]))
     if select == "largest":
@@ -541,6 +542,34 @@ def detect_and_embed(
     else:
         chosen = order
     return tuple(_embed(analyzer, bgr, bboxes[i], kpss[i], image_index, used, crop_size) for i in chosen)
+
+
+def _no_face_message(analyzer: FaceAnalyzer, image_index: int, width: int, height: int) -> str:
+    tried = ", ".join(f"{analyzer.det_size[0] // f}x{analyzer.det_size[1] // f}" for f in (1,) + RETRY_FACTORS)
+    message = (f"No face found in image {image_index} ({width}x{height}) at detection sizes {tried}, "
+               f"threshold {analyzer.det_thresh}. ")
+    if min(width, height) < MIN_FACE_PIXELS:
+        return message + (f"The photo is only {width}x{height} pixels, too small to hold a recognisable face: use "
+                          f"a photo in which the face is at least {MIN_FACE_PIXELS} px wide (112 px or more is best).")
+    message += "Use a photo where the face is clearly visible and frontal."
+    # The detector sees the whole photo shrunk to its det size: faces below its smallest anchors vanish.
+    scale = min(analyzer.det_size[0] / width, analyzer.det_size[1] / height)
+    if scale < 1.0:
+        smallest = math.ceil(MIN_DETECTED_PIXELS / scale)
+        message += (f" At {width}x{height} a face narrower than about {smallest} px is too small for the detector "
+                    f"(it sees the photo shrunk to {analyzer.det_size[0]}x{analyzer.det_size[1]}): crop the photo "
+                    "closer around the face.")
+    return message
+
+
+def too_small_message(face: DetectedFace) -> str | None:
+    """Why `face` is too small to take an identity from, or None when it is large enough."""
+    width, height = (float(face.bbox[2] - face.bbox[0]), float(face.bbox[3] - face.bbox[1]))
+    if min(width, height) >= MIN_FACE_PIXELS:
+        return None
+    return (f"The face found in image {face.image_index} is only {width:.0f}x{height:.0f} px, too small to recognise "
+            f"(a face at least {MIN_FACE_PIXELS} px wide is needed, 112 px or more is best): use a larger photo of "
+            "the face, or one where it fills more of the frame.")
 
 
 def _embed(analyzer, bgr, bbox, kps, image_index, det_size, crop_size) -> DetectedFace:

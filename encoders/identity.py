@@ -56,6 +56,7 @@ from .faces import (
     RecognizerIdentity,
     detect_and_embed,
     to_bgr_uint8,
+    too_small_message,
 )
 
 logger = logging.getLogger("FaceStudio.identity")
@@ -385,9 +386,15 @@ def encode_identity(
         try:
             (face,) = cached_detect_and_embed(analyzer, photo, image_index=image_index, select=select,
                                               index=index, crop_size=CROP_SIZE, cache=cache)
+            small = too_small_message(face)
+            if small is not None:
+                raise FaceNotFound(small, image_index)
             faces.append(face)
         except FaceNotFound as error:
             if on_missing == "error":
+                if len(photos) > 1 or base is not None:
+                    raise FaceNotFound(f"{error} Or set on_missing to 'skip' to leave the photos without a face out.",
+                                       error.image_index) from None
                 raise
             logger.warning("Skipping image %d: %s", image_index, error)
             dropped.append(DroppedShot(image_index, f"no face: {error}"))
@@ -592,8 +599,12 @@ def save_identity(identity: FaceIdentity, path: str | os.PathLike) -> Path:
         "dropped": json.dumps([[d.image_index, d.reason] for d in identity.dropped]),
         "clip_width": "" if identity.clip_width is None else str(identity.clip_width),
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(path), metadata=metadata)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file(tensors, str(path), metadata=metadata)
+    except (OSError, ValueError) as error:  # permissions, a full disk, a file where a folder should be...
+        raise IdentityError(f"Could not write the identity file {path}: {error}. Check that the output folder is "
+                            "writable and has free space, or choose another filename_prefix.") from error
     return path
 
 
@@ -609,9 +620,12 @@ def load_identity(path: str | os.PathLike) -> FaceIdentity:
             metadata = handle.metadata() or {}
             tensors = {name: handle.get_tensor(name) for name in handle.keys()}
     except Exception as error:
-        raise IdentityError(f"{path.name} is not a readable identity file (truncated or corrupt?): {error}") from error
+        raise IdentityError(f"{path.name} (in {path.parent}) is not a readable identity file (truncated or corrupt?): "
+                            f"{error}. Save the identity again with FaceStudio Save Identity, or encode its photos "
+                            "again.") from error
     if metadata.get("format") != FORMAT_NAME:
-        raise IdentityError(f"{path.name} is not a FaceStudio identity file (format {metadata.get('format')!r})")
+        raise IdentityError(f"{path.name} (in {path.parent}) is not a FaceStudio identity file (format "
+                            f"{metadata.get('format')!r}): pick a file saved by FaceStudio Save Identity.")
     version = metadata.get("format_version")
     if version not in READABLE_VERSIONS:
         raise IdentityError(f"{path.name} is identity format version {version}; this FaceStudio reads versions "
@@ -663,13 +677,27 @@ IDENTITY_SUBFOLDER = os.path.join("facestudio", "identities")
 IDENTITY_SUFFIX = ".safetensors"
 
 
+MAX_NAME_BYTES = 200  # per folder or file name: most file systems allow 255, and a number and suffix follow
+
+
 def _relative_parts(name: str, what: str) -> list[str]:
-    """`name` split into path parts, refusing absolute paths, drive letters and '..'."""
+    """`name` split into path parts, refusing absolute paths, drive letters, '..', control characters
+    and names too long for the file system."""
     parts = [p for p in re.split(r"[\\/]", name or "") if p not in ("", ".")]
-    if (not parts or (name or "").startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", name or "")
-            or any(p == ".." for p in parts)):
+    if not parts:
+        raise IdentityError(f"The {what} {name!r} is empty: type a name such as 'identity' (sub-folders allowed, "
+                            "e.g. 'people/anna').")
+    if name.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", name) or any(p == ".." for p in parts):
         raise IdentityError(f"'{name}' is not a {what} inside the identities folder ({IDENTITY_SUBFOLDER} of the "
                             "output folder): no absolute paths or '..'.")
+    if any(ord(c) < 32 or c == "\x7f" for c in name):
+        raise IdentityError(f"{name!r} is not a usable {what}: it holds control characters (such as a line break "
+                            "or a NUL byte). Type the name again with letters, digits, '-', '_' and '/' only.")
+    long = next((p for p in parts if len(p.encode("utf-8")) > MAX_NAME_BYTES), None)
+    if long is not None:
+        raise IdentityError(f"The {what} '{name[:60]}...' has a folder or file name of {len(long.encode('utf-8'))} "
+                            f"bytes; file systems allow about 255 and FaceStudio at most {MAX_NAME_BYTES}: "
+                            "use a shorter name.")
     return parts
 
 
@@ -684,7 +712,8 @@ def new_identity_path(root: str | os.PathLike, prefix: str) -> Path:
     parts = _relative_parts(prefix, "file name prefix")
     folder = root.joinpath(*parts[:-1])
     if not _inside(root, folder):
-        raise IdentityError(f"'{prefix}' would save outside {root}")
+        raise IdentityError(f"'{prefix}' would save outside {root}: a folder on its way links to another place. "
+                            "Choose a prefix whose folders are real folders inside it.")
     stem = parts[-1]
     taken = set()
     if folder.is_dir():
@@ -707,7 +736,8 @@ def resolve_identity_file(root: str | os.PathLike, name: str) -> Path:
     root = Path(root)
     candidate = root.joinpath(*_relative_parts(name, "file name"))
     if not _inside(root, candidate):
-        raise IdentityError(f"'{name}' is outside the identities folder {root}")
+        raise IdentityError(f"'{name}' is outside the identities folder {root}: it is a link to (or inside a "
+                            "linked folder pointing to) another place. Copy the file into the folder instead.")
     if not candidate.is_file():
         raise IdentityError(f"No identity file '{name}' in {root}. Save one with FaceStudio Save Identity and "
                             "refresh the node list.")
