@@ -30,7 +30,7 @@ from .layers import cross_attention_positions, map_adapter_layers
 from .lora import faceid_lora
 from .projection import (
     identity_tokens,
-    layer_kv,
+    layer_kvs,
     projection_for,
     style_tokens,
     unconditional_identity_tokens,
@@ -382,11 +382,10 @@ def apply_facestudio(model, adapter: IPAdapterWeights, persons: Sequence[Person]
     scale_kv((torch.zeros(1, 1, 1), torch.zeros(1, 1, 1)), 1.0, embeds_scaling)  # validates the mode early
 
     module = projection_for(adapter)
-    person_kv = []
-    for p in persons:
-        cond, uncond = _person_tokens(adapter, module, p)
-        person_kv.append((layer_kv(adapter, cond), layer_kv(adapter, uncond),
-                          p, _sigma(model, p.start), _sigma(model, p.end)))
+    tokens = [t for p in persons for t in _person_tokens(adapter, module, p)]  # cond, uncond per person
+    kvs = layer_kvs(adapter, tokens)
+    person_kv = [(kvs[2 * i], kvs[2 * i + 1], p, _sigma(model, p.start), _sigma(model, p.end))
+                 for i, p in enumerate(persons)]
 
     style_kv = None
     if style is not None:
@@ -398,8 +397,7 @@ def apply_facestudio(model, adapter: IPAdapterWeights, persons: Sequence[Person]
                                                                  "The negative style")[0], smodule)
         else:
             uncond = unconditional_style_tokens(style_adapter, zero, smodule)
-        style_kv = (layer_kv(style_adapter, style_tokens(style_adapter, features, smodule)),
-                    layer_kv(style_adapter, uncond))
+        style_kv = tuple(layer_kvs(style_adapter, [style_tokens(style_adapter, features, smodule), uncond]))
 
     lora = faceid_lora(model, adapter, positions)[0] if lora_strength else None
 

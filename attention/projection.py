@@ -323,8 +323,25 @@ def unconditional_style_tokens(adapter: IPAdapterWeights, zero_clip_features: to
 def layer_kv(adapter: IPAdapterWeights, tokens: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """(K, V) = (tokens to_k_ip^T, tokens to_v_ip^T) per layer, fp32, in the adapter's layer order:
     [1 or B, T, inner] each, the `persons` / `style` entries of `routing.TokenGroups.build`."""
-    if tokens.ndim != 3 or tokens.shape[-1] != adapter.context_dim:
-        raise ValueError(f"tokens must be [1 or B, T, {adapter.context_dim}], got {list(tokens.shape)}")
-    x = tokens.float()
-    return [(F.linear(x, k.to(x.device, torch.float32)), F.linear(x, v.to(x.device, torch.float32)))
-            for k, v in adapter.layers]
+    return layer_kvs(adapter, [tokens])[0]
+
+
+def layer_kvs(adapter: IPAdapterWeights, token_sets) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
+    """`layer_kv` of several token sets (any T each) in one product per layer. Each layer's fp16 weights
+    become fp32 once, not once per set: per-set casts left ~100 MB per person of freed copies in the
+    allocator, which the process's peak memory kept."""
+    shapes = []
+    for tokens in token_sets:
+        if tokens.ndim != 3 or tokens.shape[-1] != adapter.context_dim:
+            raise ValueError(f"tokens must be [1 or B, T, {adapter.context_dim}], got {list(tokens.shape)}")
+        shapes.append(tuple(tokens.shape[:-1]))
+    if not shapes:
+        return []
+    x = torch.cat([t.float().reshape(-1, adapter.context_dim) for t in token_sets])
+    sizes = [b * t for b, t in shapes]
+    out: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in shapes]
+    for k, v in adapter.layers:
+        keys, values = (F.linear(x, w.to(x.device, torch.float32)) for w in (k, v))
+        for i, (kp, vp, shape) in enumerate(zip(keys.split(sizes), values.split(sizes), shapes)):
+            out[i].append((kp.reshape(*shape, -1), vp.reshape(*shape, -1)))
+    return out

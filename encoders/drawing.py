@@ -18,6 +18,7 @@ from typing import Sequence
 import numpy as np
 
 from .faces import FaceAnalyzer, FaceError, detect_faces, to_bgr_uint8
+from .faces import to_rgb_uint8 as _rgb_uint8
 
 # Distinct colours (RGB), after Sasha Trubetskoy's list; cycled beyond twelve persons.
 PALETTE = (
@@ -155,8 +156,8 @@ def images_list(images) -> list:
 
 
 def to_rgb_uint8(image) -> np.ndarray:
-    """RGB uint8 [H, W, 3], a writable copy (see encoders.faces.to_bgr_uint8 for what it accepts)."""
-    return np.ascontiguousarray(to_bgr_uint8(image)[:, :, ::-1])
+    """RGB uint8 [H, W, 3], a writable copy (see encoders.faces.to_rgb_uint8 for what it accepts)."""
+    return np.array(_rgb_uint8(image), copy=True)
 
 
 def merge_drawing(image, before: np.ndarray, canvas: np.ndarray) -> np.ndarray:

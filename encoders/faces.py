@@ -408,7 +408,12 @@ def _embedding_dim(recognizer) -> int:
 # Photos
 # ------------------------------------------------------------------------------------------------
 def to_bgr_uint8(image) -> np.ndarray:
-    """A photo as cv2.imread gives it: BGR uint8 [H, W, 3], C-contiguous.
+    """A photo as cv2.imread gives it: BGR uint8 [H, W, 3], C-contiguous. See `to_rgb_uint8`."""
+    return np.ascontiguousarray(to_rgb_uint8(image)[:, :, ::-1])
+
+
+def to_rgb_uint8(image) -> np.ndarray:
+    """A photo as RGB uint8 [H, W, 3], C-contiguous.
 
     Takes ComfyUI's layout: RGB float [H, W, C] in 0..1 (or [1, H, W, C]; a torch tensor or numpy),
     or uint8 RGB. Floats are rounded: ComfyUI's LoadImage makes them as uint8 / 255, and rounding
@@ -417,10 +422,17 @@ def to_bgr_uint8(image) -> np.ndarray:
     [H, W] or [H, W, 1] is repeated to three channels, as cv2.imread does for a gray PNG. An alpha
     channel is dropped, not composited: cv2.imread(IMREAD_COLOR) and LoadImage's convert("RGB") do
     the same, so an RGBA file embeds as in the reference pipeline; a cut-out face keeps whatever
-    colour lies under its transparent pixels (usually black).
+    colour lies under its transparent pixels (usually black). NaN counts as 0.
     """
-    if hasattr(image, "detach"):  # a torch tensor, without importing torch here
-        image = image.detach().cpu().numpy()
+    if hasattr(image, "detach"):  # a torch tensor: torch is loaded already
+        import torch
+
+        image = image.detach().cpu()
+        if image.is_floating_point():
+            # In place on a new tensor (never the caller's): numpy's nan_to_num and clip passes took
+            # most of a cached re-run's time on a large photo.
+            image = (image.float() * 255.0).nan_to_num_(0.0).round_().clamp_(0, 255).to(torch.uint8)
+        image = image.numpy()
     array = np.asarray(image)
     if array.ndim == 4:
         if array.shape[0] != 1:
@@ -433,15 +445,17 @@ def to_bgr_uint8(image) -> np.ndarray:
     if array.dtype == np.uint8:
         pass
     elif np.issubdtype(array.dtype, np.floating):
-        array = np.clip(np.rint(np.nan_to_num(array.astype(np.float32)) * 255.0), 0, 255).astype(np.uint8)
+        scaled = np.multiply(array, 255.0, dtype=np.float32)
+        np.nan_to_num(scaled, copy=False, nan=0.0)
+        array = np.clip(np.rint(scaled, out=scaled), 0, 255, out=scaled).astype(np.uint8)
     elif array.dtype == np.bool_:
         array = array.astype(np.uint8) * 255
     else:
         raise FaceError(f"expected a float image in 0..1 or uint8, got {array.dtype}")
     channels = array.shape[2]
     if channels in (1, 2):  # gray, gray + alpha
-        array = np.repeat(array[:, :, :1], 3, axis=2)
-    return np.ascontiguousarray(array[:, :, 2::-1])  # RGB(A) -> BGR, alpha dropped
+        return np.ascontiguousarray(np.repeat(array[:, :, :1], 3, axis=2))
+    return np.ascontiguousarray(array[:, :, :3])  # alpha dropped
 
 
 def _norm_crop(bgr: np.ndarray, kps: np.ndarray, size: int) -> np.ndarray:

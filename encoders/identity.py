@@ -55,7 +55,7 @@ from .faces import (
     FaceNotFound,
     RecognizerIdentity,
     detect_and_embed,
-    to_bgr_uint8,
+    to_rgb_uint8,
     too_small_message,
 )
 
@@ -261,10 +261,10 @@ class FaceCache:
         self.misses = 0
 
     @staticmethod
-    def key(analyzer: FaceAnalyzer, bgr: np.ndarray, select: str, index: int, crop_size: int) -> tuple:
+    def key(analyzer: FaceAnalyzer, pixels: np.ndarray, select: str, index: int, crop_size: int) -> tuple:
         digest = hashlib.sha256()
-        digest.update(repr(bgr.shape).encode())
-        digest.update(bgr.tobytes())
+        digest.update(repr(pixels.shape).encode())
+        digest.update(pixels.tobytes())
         detector_file = os.path.abspath(str(getattr(analyzer.detector, "model_file", id(analyzer.detector))))
         return (
             digest.hexdigest(),
@@ -312,12 +312,11 @@ def cached_detect_and_embed(analyzer: FaceAnalyzer, image, *, image_index: int =
     """detect_and_embed through `cache` (None: no cache). Faces come back numbered `image_index`."""
     if cache is None:
         return detect_and_embed(analyzer, image, image_index=image_index, select=select, index=index, crop_size=crop_size)
-    bgr = to_bgr_uint8(image)
-    key = cache.key(analyzer, bgr, select, index, crop_size)
+    rgb = to_rgb_uint8(image)  # the key hashes these bytes; channel order is fixed, so RGB serves
+    key = cache.key(analyzer, rgb, select, index, crop_size)
     found = cache.get(key)
     if found is None:
-        # The RGB view of bgr: detect_and_embed converts it to BGR again, without a second float pass.
-        found = detect_and_embed(analyzer, bgr[:, :, ::-1], image_index=image_index, select=select, index=index, crop_size=crop_size)
+        found = detect_and_embed(analyzer, rgb, image_index=image_index, select=select, index=index, crop_size=crop_size)
         cache.put(key, found)
     return tuple(f if f.image_index == image_index else dataclasses.replace(f, image_index=image_index) for f in found)
 

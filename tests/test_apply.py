@@ -483,7 +483,7 @@ def test_token_kv_are_made_once_per_apply_never_while_sampling(booted, loaded, m
     import comfy.sample
 
     patch = booted.pack_module("attention.patch")
-    calls = {"layer_kv": 0, "_build_groups": 0}
+    calls = {"layer_kvs": 0, "_build_groups": 0}
     for name in calls:
         real = getattr(patch, name)
 
@@ -495,8 +495,8 @@ def test_token_kv_are_made_once_per_apply_never_while_sampling(booted, loaded, m
     model, adapter, (a, b) = loaded
     patched = patch.apply_facestudio(model, adapter, patch.add_person(patch.add_person(None, a), b))
     layers = len(replacements(patched))
-    assert calls == {"layer_kv": 4, "_build_groups": layers}  # 2 persons x (cond, uncond); one layout per layer
+    assert calls == {"layer_kvs": 1, "_build_groups": layers}  # every person's tokens at once; one layout per layer
     positive = [[torch.zeros(1, 77, 768), {}]]
     comfy.sample.sample(patched, torch.randn(1, 4, 8, 8), 3, 5.0, "euler", "normal", positive, positive,
                         torch.zeros(1, 4, 8, 8), disable_pbar=True)
-    assert calls == {"layer_kv": 4, "_build_groups": layers}  # sampling only reads the store
+    assert calls == {"layer_kvs": 1, "_build_groups": layers}  # sampling only reads the store

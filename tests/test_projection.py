@@ -239,6 +239,13 @@ def test_layer_kv_is_the_layer_projection(projection, adapters, base):
         close(v, F.linear(tokens, wv.float()), 1e-6)
     with pytest.raises(ValueError, match=r"tokens must be \[1 or B, T, "):
         projection.layer_kv(w, tokens[0])
+    # Several token sets of different batch and length in one call give each set's own projection.
+    sets = [tokens, randn(2, 7, w.context_dim), randn(1, 16, w.context_dim)]
+    for together, one in zip(projection.layer_kvs(w, sets), sets):
+        for (k, v), (k1, v1) in zip(together, projection.layer_kv(w, one)):
+            assert k.shape == k1.shape and v.shape == v1.shape
+            close(k, k1, 1e-5)
+            close(v, v1, 1e-5)
 
 
 def _diffusers_attention(inner, context, heads, seed):
