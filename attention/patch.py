@@ -174,6 +174,8 @@ class FaceStudioAttention:
         self.store, self.index = store, index
         self._sigma_bounds = torch.tensor([[p.sigma_end, p.sigma_start] for p in self.persons],
                                           dtype=torch.float64).reshape(-1, 2)
+        # percent_to_sigma(0) is 999999999.9 and (1) is 0: persons from 0 to 1 act at every sigma.
+        self._every_step = all(p.sigma_end <= 0.0 and p.sigma_start >= 999999999.0 for p in self.persons)
         self._groups: dict = {}   # heads -> (cond, uncond) TokenGroups, when unbound
         self._regions: dict = {}  # (latent hw, Nq, batch, device) -> (token masks, region weights)
 
@@ -247,18 +249,30 @@ class FaceStudioAttention:
         if not self.persons:
             return None
         active = torch.ones(1, len(self.persons), dtype=torch.bool)
-        if sigmas is not None:
-            s = sigmas.detach().reshape(-1).double().cpu()
-            if (s == s[0]).all():
-                s = s[:1]
+        if sigmas is not None and not self._every_step:
+            s = sigmas.detach().reshape(-1)
+            if s.shape[0] > batch and s.shape[0] % batch == 0:
+                s = s[:batch]  # one per row of every CFG chunk: the chunks repeat the latents' sigmas
             if s.shape[0] not in (1, batch):
                 raise ValueError(f"{s.shape[0]} sigmas for a latent batch of {batch}")
+            if s.device.type != "cpu":
+                # Decided on the device: reading the sigmas back would stall the GPU at every layer.
+                bounds = self._sigma_bounds.to(s.device, s.dtype)
+                active = (bounds[:, 0] <= s[:, None]) & (s[:, None] <= bounds[:, 1])
+                if self.unfold_batch:
+                    active = active & self._dealt(batch).to(s.device)
+                return active.float()[:, None, :]
+            s = s.double()
+            if (s == s[0]).all():
+                s = s[:1]
             bounds = self._sigma_bounds
             active = (bounds[:, 0] <= s[:, None]) & (s[:, None] <= bounds[:, 1])  # [S, P]
         if self.unfold_batch:
-            dealt = torch.arange(batch)[:, None] % len(self.persons) == torch.arange(len(self.persons))[None]
-            active = active & dealt
+            active = active & self._dealt(batch)
         return None if active.all() else active.float()[:, None, :]
+
+    def _dealt(self, batch: int) -> torch.Tensor:
+        return torch.arange(batch)[:, None] % len(self.persons) == torch.arange(len(self.persons))[None]
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extra_options: dict) -> torch.Tensor:
         heads = extra_options["n_heads"]
@@ -269,7 +283,8 @@ class FaceStudioAttention:
         chunks = list(extra_options.get("cond_or_uncond") or [0])
         batch = q.shape[0] // len(chunks)
         activity = self._activity(extra_options.get("sigmas"), batch)
-        if self.style is None and (not self.persons or (activity is not None and not activity.any())):
+        if self.style is None and (not self.persons or (activity is not None and activity.device.type == "cpu"
+                                                        and not activity.any())):
             return a_text
         cond, uncond = self.token_groups(heads)
         shape = extra_options.get("original_shape")

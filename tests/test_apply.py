@@ -500,3 +500,17 @@ def test_token_kv_are_made_once_per_apply_never_while_sampling(booted, loaded, m
     comfy.sample.sample(patched, torch.randn(1, 4, 8, 8), 3, 5.0, "euler", "normal", positive, positive,
                         torch.zeros(1, 4, 8, 8), disable_pbar=True)
     assert calls == {"layer_kvs": 1, "_build_groups": layers}  # sampling only reads the store
+
+
+def test_sigmas_are_never_read_back_from_the_device(booted):
+    """A GPU sampler's sigmas stay on the GPU: reading them back at every layer would stall it. A 'meta'
+    tensor stands for one here: copying it to the CPU raises."""
+    patch_mod = booted.pack_module("attention.patch")
+    kv = (torch.zeros(1, 4, 8), torch.zeros(1, 4, 8))
+    sigmas = torch.empty(2, device="meta")
+    every_step = patch_mod.FaceStudioAttention([patch_mod.PersonLayer(kv, kv, 1.0, 999999999.9, 0.0, None)], None, 0.5)
+    assert every_step._activity(sigmas, 2) is None
+    windowed = patch_mod.FaceStudioAttention([patch_mod.PersonLayer(kv, kv, 1.0, 5.0, 1.0, None)], None, 0.5,
+                                             unfold_batch=True)
+    activity = windowed._activity(sigmas, 2)
+    assert activity.device.type == "meta" and activity.shape == (2, 1, 1)
