@@ -11,7 +11,9 @@ token counts, FaceID's 1024-wide ID MLP, SD1.5 resampler widths, layer counts). 
 loader looks: SD1.5 layers follow the tiny test UNet (320 wide everywhere, SD1.5's 16 positions);
 SDXL keeps its 70 layers but 1/32 of the inner widths and a 256-wide resampler (the real ones hold
 about 340M and 80-200M parameters), and LoRA ranks are small (the releases use 128). Pass explicit
-sizes for real-width files.
+sizes for real-width files. SDXL FaceID Plus v2 adds its ID tokens to the resampler's output, so it
+needs resampler_dim 2048; resampler_depth / resampler_heads / ff_mult shrink such a resampler
+(tiny_sdxl.PLUS_SIZES).
 """
 from __future__ import annotations
 
@@ -97,9 +99,11 @@ def _layer_norm(sd: dict, rnd: _Random, name: str, width: int) -> None:
     sd[f"{name}.bias"] = rnd(width)
 
 
-def _perceiver_blocks(sd: dict, rnd: _Random, prefix: str, dim: int, depth: int = 4, ff_mult: int = 4) -> None:
-    """`PerceiverAttention` + `FeedForward` pairs, as in the reference resampler.py (bias-free linears)."""
-    inner = (dim // HEAD_WIDTH) * HEAD_WIDTH
+def _perceiver_blocks(sd: dict, rnd: _Random, prefix: str, dim: int, depth: int = 4, ff_mult: int = 4,
+                      heads: int | None = None) -> None:
+    """`PerceiverAttention` + `FeedForward` pairs, as in the reference resampler.py (bias-free linears).
+    heads: 64-wide heads (default dim // 64, as the releases)."""
+    inner = (heads or dim // HEAD_WIDTH) * HEAD_WIDTH
     for i in range(depth):
         p = f"{prefix}layers.{i}."
         _layer_norm(sd, rnd, p + "0.norm1", dim)
@@ -113,8 +117,13 @@ def _perceiver_blocks(sd: dict, rnd: _Random, prefix: str, dim: int, depth: int 
 
 
 def image_projection(kind: str, base: str, rnd: _Random, resampler_dim: int | None = None,
-                     clip_hidden: int = VIT_H_HIDDEN, image_embeds: int | None = None) -> dict[str, torch.Tensor]:
-    """clip_hidden / image_embeds: the CLIP vision widths read (defaults: the released adapters')."""
+                     clip_hidden: int = VIT_H_HIDDEN, image_embeds: int | None = None, resampler_depth: int = 4,
+                     resampler_heads: int | None = None, ff_mult: int = 4) -> dict[str, torch.Tensor]:
+    """clip_hidden / image_embeds: the CLIP vision widths read (defaults: the released adapters').
+    resampler_depth / resampler_heads / ff_mult: the resampler's blocks, 64-wide heads and feed-forward
+    ratio (defaults: the releases', heads = width // 64); no loader constrains them, so a full-width
+    resampler (SDXL FaceID Plus v2 needs 2048) can be made small by shrinking them."""
+    blocks = {"depth": resampler_depth, "heads": resampler_heads, "ff_mult": ff_mult}
     ctx = CONTEXT[base]
     tokens = TOKENS[kind]
     sd: dict[str, torch.Tensor] = {}
@@ -129,7 +138,7 @@ def image_projection(kind: str, base: str, rnd: _Random, resampler_dim: int | No
             _linear(sd, rnd, "perceiver_resampler.proj_in", width, clip_hidden)
             _linear(sd, rnd, "perceiver_resampler.proj_out", ctx, width)
             _layer_norm(sd, rnd, "perceiver_resampler.norm_out", ctx)
-            _perceiver_blocks(sd, rnd, "perceiver_resampler.", width)
+            _perceiver_blocks(sd, rnd, "perceiver_resampler.", width, **blocks)
     elif kind == "image-prompt":
         _linear(sd, rnd, "proj", ctx * tokens, image_embeds or IMAGE_EMBEDS[base])
         _layer_norm(sd, rnd, "norm", ctx)
@@ -140,7 +149,7 @@ def image_projection(kind: str, base: str, rnd: _Random, resampler_dim: int | No
         _linear(sd, rnd, "proj_in", dim, clip_hidden)
         _linear(sd, rnd, "proj_out", ctx, dim)
         _layer_norm(sd, rnd, "norm_out", ctx)
-        _perceiver_blocks(sd, rnd, "", dim)
+        _perceiver_blocks(sd, rnd, "", dim, **blocks)
     else:
         raise ValueError(f"unknown kind {kind!r}")
     return sd
@@ -163,7 +172,8 @@ def attention_layers(widths, context: int, rnd: _Random, lora_rank: int | None) 
 
 def adapter_state_dict(kind: str, base: str, *, seed: int = 0, layer_widths=None, resampler_dim: int | None = -1,
                        lora_rank: int | None = -1, dtype: torch.dtype = torch.float16,
-                       clip_hidden: int = VIT_H_HIDDEN, image_embeds: int | None = None) -> dict[str, dict]:
+                       clip_hidden: int = VIT_H_HIDDEN, image_embeds: int | None = None, resampler_depth: int = 4,
+                       resampler_heads: int | None = None, ff_mult: int = 4) -> dict[str, dict]:
     """The nested `{"image_proj", "ip_adapter"}` state dict of one adapter; -1 / None pick the defaults above."""
     if kind not in KINDS or base not in BASES:
         raise ValueError(f"unknown kind/base {kind!r}/{base!r}")
@@ -174,7 +184,8 @@ def adapter_state_dict(kind: str, base: str, *, seed: int = 0, layer_widths=None
         lora_rank = DEFAULT_LORA_RANK[base]
     widths = tuple(layer_widths) if layer_widths is not None else DEFAULT_LAYER_WIDTHS[base]
     return {
-        "image_proj": image_projection(kind, base, rnd, resampler_dim, clip_hidden, image_embeds),
+        "image_proj": image_projection(kind, base, rnd, resampler_dim, clip_hidden, image_embeds, resampler_depth,
+                                       resampler_heads, ff_mult),
         "ip_adapter": attention_layers(widths, CONTEXT[base], rnd, lora_rank if kind in LORA_KINDS else None),
     }
 
