@@ -37,10 +37,10 @@ class FaceStudioRegions(io.ComfyNode):
                 FaceStudioFaceAnalyzer.Input("face_analyzer", optional=True,
                                              tooltip="From FaceStudio Load Face Analyzer; needed by grow and "
                                                      "partition. Use the one your Encode Identity nodes use."),
-                io.Int.Input("width", default=512, min=1, max=16384, step=8,
+                io.Int.Input("width", default=512, min=8, max=16384, step=8,
                              tooltip="The masks' width for a split without an image (ignored when an image is "
                                      "connected). Any size works: FaceStudio Apply resizes masks to the latent."),
-                io.Int.Input("height", default=512, min=1, max=16384, step=8,
+                io.Int.Input("height", default=512, min=8, max=16384, step=8,
                              tooltip="The masks' height for a split without an image (ignored when an image is "
                                      "connected)."),
                 io.Int.Input("feather", default=0, min=0, max=512,

@@ -1,0 +1,482 @@
+"""The bundled workflows (workflows/*.json), defined once as API-format prompts with their layout.
+
+Each definition is the prompt POST /prompt takes (node ids, class types, every widget value) plus
+what the UI-format file adds on top: node titles, groups (a title, a colour and the named nodes they
+frame, laid out as columns left to right) and one note per group saying what that step does.
+`scripts/make_workflows.py` loads each prompt in the host's own frontend (app.loadApiJson), places
+the nodes, groups and notes, and saves the frontend's serialization (app.graph.serialize()) and a
+screenshot; so the UI files' widget order is the frontend's by construction.
+`tests/test_workflows.py` checks that the frontend's own graph-to-prompt conversion of each stored
+file equals `Workflow.prompt`, then runs that prompt on small models saved under the file names below.
+
+Model file names are the public releases' names, so a user who has them runs a workflow unchanged.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .graphs import Graph
+
+# --- the public file names the workflows use ----------------------------------------------------
+CHECKPOINT = "v1-5-pruned-emaonly.safetensors"
+FACEID_PLUS_V2 = "ip-adapter-faceid-plusv2_sd15.bin"
+STYLE_ADAPTER = "ip-adapter-plus_sd15.safetensors"
+CLIP_VISION = "CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors"
+FACE_PACK = "buffalo_l"
+CONTROLNET_POSE = "control_v11p_sd15_openpose.pth"
+STYLE_LORA = "add_detail.safetensors"  # any SD1.5 LoRA: this popular one is an example
+# Pictures the workflows load from ComfyUI's input folder (the user picks their own).
+PHOTO, PHOTO_2, PHOTO_3 = "person.png", "person_2.png", "person_3.png"
+OTHER_PHOTO = "other_person.png"
+LAYOUT = "two_people_layout.png"
+STYLE_IMAGE = "style.png"
+POSE = "pose.png"
+SCENE = "scene.png"
+
+# Preview Any's display widget: the frontend queues it (empty) with the prompt; the host ignores it.
+PREVIEW_ANY_WIDGET = {"preview": ""}
+
+# Group colours (LiteGraph's palette): one per kind of step, the same in every workflow.
+COLORS = {"models": "#3f789e", "faces": "#8A8", "style": "#a1309b", "prompt": "#b58b2a", "sample": "#444",
+          "check": "#88A"}
+
+
+DEFAULT_TITLES = {"positive": "Prompt (whole image)", "negative": "Negative prompt",
+                  "adapter": "FaceID adapter (FaceID Plus v2)", "clip_vision": "CLIP vision (ViT-H)"}
+
+
+@dataclass
+class Group:
+    title: str
+    color: str
+    nodes: list[str]  # named nodes, top to bottom
+    note: str         # the Note shown at the top of the group
+
+
+@dataclass
+class Workflow:
+    name: str          # workflows/<name>.json and .jpg
+    title: str
+    description: str   # the overview note
+    graph: Graph
+    groups: list[Group] = field(default_factory=list)
+    titles: dict[str, str] = field(default_factory=dict)  # named node -> title shown
+
+    @property
+    def prompt(self) -> dict:
+        return self.graph.prompt
+
+    def layout(self) -> dict:
+        """What the frontend page needs to place everything (node ids instead of names)."""
+        ids = self.graph.nodes
+        named = {n for group in self.groups for n in group.nodes}
+        missing = sorted(set(ids) - named)
+        if missing:
+            raise ValueError(f"{self.name}: nodes in no group: {missing}")
+        return {
+            "name": self.name, "title": self.title, "description": self.description,
+            "groups": [{"title": g.title, "color": g.color, "note": g.note, "nodes": [ids[n] for n in g.nodes]}
+                       for g in self.groups],
+            "titles": {ids[n]: t for n, t in {**DEFAULT_TITLES, **self.titles}.items() if n in ids},
+        }
+
+
+# --- building blocks ----------------------------------------------------------------------------
+def _base(positive: str, negative: str = "blurry, lowres, deformed, watermark", width: int = 512,
+          height: int = 512, seed: int = 42, steps: int = 30, cfg: float = 6.0, denoise: float = 1.0,
+          prefix: str = "FaceStudio") -> Graph:
+    g = Graph()
+    g.add("CheckpointLoaderSimple", {"ckpt_name": CHECKPOINT}, "checkpoint")
+    g.add("CLIPTextEncode", {"text": positive, "clip": g.link("checkpoint", 1)}, "positive")
+    g.add("CLIPTextEncode", {"text": negative, "clip": g.link("checkpoint", 1)}, "negative")
+    g.add("EmptyLatentImage", {"width": width, "height": height, "batch_size": 1}, "latent")
+    g.add("KSampler", {"model": g.link("checkpoint", 0), "positive": g.link("positive"),
+                       "negative": g.link("negative"), "latent_image": g.link("latent"), "seed": seed,
+                       "steps": steps, "cfg": cfg, "sampler_name": "dpmpp_2m", "scheduler": "karras",
+                       "denoise": denoise}, "sampler")
+    g.add("VAEDecode", {"samples": g.link("sampler"), "vae": g.link("checkpoint", 2)}, "decode")
+    g.add("SaveImage", {"images": g.link("decode"), "filename_prefix": prefix}, "save")
+    return g
+
+
+def _analyzer(g: Graph) -> None:
+    g.add("FaceStudioFaceAnalyzerLoader", {"pack": FACE_PACK, "provider": "auto", "det_size": 640}, "analyzer")
+
+
+def _clip_vision(g: Graph) -> None:
+    g.add("CLIPVisionLoader", {"clip_name": CLIP_VISION}, "clip_vision")
+
+
+def _faceid(g: Graph) -> None:
+    g.add("FaceStudioAdapterLoader", {"adapter_name": FACEID_PLUS_V2, "kind": "auto"}, "adapter")
+
+
+def _face_models(g: Graph) -> None:
+    """The face analyzer, the CLIP vision model and the FaceID Plus v2 adapter, in that order."""
+    _analyzer(g)
+    _clip_vision(g)
+    _faceid(g)
+
+
+def _encode(g: Graph, name: str, image: list, face: str = "largest", index: int = 0) -> list:
+    g.add("FaceStudioIdentityEncode", {"face_analyzer": g.link("analyzer"), "image": image, "face": face,
+                                       "index": index, "on_missing": "error", "outlier_threshold": 0.4,
+                                       "clip_vision": g.link("clip_vision")}, name)
+    return g.link(name)
+
+
+def _photo_identity(g: Graph, name: str, photo: str) -> list:
+    g.add("LoadImage", {"image": photo}, f"{name}_photo")
+    return _encode(g, name, g.link(f"{name}_photo"))
+
+
+def _person(g: Graph, name: str, identity: list, persons: list | None = None, masks: list | None = None,
+            mask_index: int = 0, weight: float = 1.0) -> list:
+    inputs = {"identity": identity, "weight": weight, "start": 0.0, "end": 1.0, "mask_index": mask_index}
+    if persons is not None:
+        inputs["persons"] = persons
+    if masks is not None:
+        inputs["mask"] = masks
+    g.add("FaceStudioPerson", inputs, name)
+    return g.link(name)
+
+
+def _apply(g: Graph, persons: list, lora_strength: float = 0.6, alpha: float = 0.5, model: list | None = None,
+           **extra) -> None:
+    inputs = {"model": model or g.link("checkpoint", 0), "adapter": g.link("adapter"), "persons": persons,
+              "alpha": alpha, "style_weight": 1.0, "lora_strength": lora_strength, "embeds_scaling": "V only",
+              "style_blocks": "all", "style_block_weights": "", "unfold_batch": False, **extra}
+    g.add("FaceStudioApply", inputs, "apply")
+    g.prompt[g["sampler"]]["inputs"]["model"] = g.link("apply")
+
+
+def _pick_mask(g: Graph, masks: list, index: int) -> list:
+    """Mask `index` of a MASK batch with the host's own nodes."""
+    g.add("MaskToImage", {"mask": masks}, f"mask{index}_image")
+    g.add("ImageFromBatch", {"image": g.link(f"mask{index}_image"), "batch_index": index, "length": 1},
+          f"mask{index}_pick")
+    g.add("ImageToMask", {"image": g.link(f"mask{index}_pick"), "channel": "red"}, f"mask{index}")
+    return g.link(f"mask{index}")
+
+
+def _regional_prompts(g: Graph, masks: list, texts: tuple[str, ...]) -> None:
+    """Person i's own prompt in region i (ConditioningSetMask), combined with the whole-image prompt."""
+    combined = g.link("positive")
+    for i, text in enumerate(texts):
+        g.add("CLIPTextEncode", {"text": text, "clip": g.link("checkpoint", 1)}, f"prompt{i}")
+        g.add("ConditioningSetMask", {"conditioning": g.link(f"prompt{i}"), "mask": _pick_mask(g, masks, i),
+                                      "strength": 1.0, "set_cond_area": "default"}, f"prompt{i}_region")
+        g.add("ConditioningCombine", {"conditioning_1": combined, "conditioning_2": g.link(f"prompt{i}_region")},
+              f"combine{i}")
+        combined = g.link(f"combine{i}")
+    g.prompt[g["sampler"]]["inputs"]["positive"] = combined
+
+
+MODELS_NOTE = ("Models. Checkpoint: any SD1.5 model in models/checkpoints. FaceID Plus v2 "
+               f"({FACEID_PLUS_V2}) in models/ipadapter; its LoRA is applied by FaceStudio Apply's "
+               "lora_strength (from the file, or ip-adapter-faceid-plusv2_sd15_lora.safetensors in "
+               f"models/loras). CLIP vision ViT-H ({CLIP_VISION}) in models/clip_vision. Face "
+               f"analyzer: the insightface pack '{FACE_PACK}' (a folder of .onnx files) in "
+               "models/insightface/models.")
+SAMPLE_NOTE = ("Sampling. The prompt describes the scene; the face comes from the identity. cfg 4-7 and "
+               "30 steps are good starting points. lora_strength 0.5-0.7 and weight 0.8-1.2 trade "
+               "likeness against prompt freedom.")
+
+
+def one_person() -> Workflow:
+    g = _base("a photo of a person in a leather jacket on a city street at night, neon lights, 35mm")
+    _face_models(g)
+    _photo_identity(g, "identity", PHOTO)
+    _apply(g, _person(g, "person", g.link("identity")))
+    return Workflow(
+        "01_one_person_from_one_photo", "One person from one photo",
+        "One person from one photo, with IP-Adapter FaceID Plus v2 and its LoRA (FaceStudio Apply's "
+        "lora_strength). Put a clear photo of one face in ComfyUI's input folder and pick it in Load Image.",
+        g,
+        [Group("1. Models", COLORS["models"], ["checkpoint", "adapter", "clip_vision", "analyzer"], MODELS_NOTE),
+         Group("2. The person", COLORS["faces"], ["identity_photo", "identity", "person"],
+               "The person. Encode Identity finds the largest face of the photo, aligns it and embeds it "
+               "(ArcFace + CLIP vision of the face crop, which Plus v2 needs). Person says who (and where: "
+               "no mask = the whole image)."),
+         Group("3. Prompt and apply", COLORS["prompt"], ["positive", "negative", "apply"],
+               "FaceStudio Apply patches a clone of the model: the identity's tokens join the text in every "
+               "cross-attention layer. lora_strength 0.6 applies FaceID Plus v2's own LoRA."),
+         Group("4. Sample", COLORS["sample"], ["latent", "sampler", "decode", "save"], SAMPLE_NOTE)],
+        {"identity_photo": "Photo of the person"},
+    )
+
+
+def stylized_portrait() -> Workflow:
+    g = _base("a portrait of a person, oil painting, thick brush strokes", cfg=5.0)
+    _face_models(g)
+    _photo_identity(g, "identity", PHOTO)
+    g.add("FaceStudioAdapterLoader", {"adapter_name": STYLE_ADAPTER, "kind": "auto"}, "style_adapter")
+    g.add("LoadImage", {"image": STYLE_IMAGE}, "style_photo")
+    g.add("FaceStudioStyleEncode", {"image": g.link("style_photo"), "clip_vision": g.link("clip_vision"),
+                                    "mask_margin": 0.25, "face_analyzer": g.link("analyzer")}, "style")
+    _apply(g, _person(g, "person", g.link("identity")), alpha=0.6, style_adapter=g.link("style_adapter"),
+           style=g.link("style"))
+    g.set("apply", style_weight=0.8)
+    return Workflow(
+        "02_stylized_portrait", "Stylized portrait (person + style image)",
+        "A person in the look of a style image: FaceStudio's hybrid guidance. Identity from the person's "
+        "photo; the look from the style image (an IP-Adapter image-prompt model); the text from the prompt. "
+        "alpha balances the style image against the text.",
+        g,
+        [Group("1. Models", COLORS["models"], ["checkpoint", "adapter", "style_adapter", "clip_vision", "analyzer"],
+               MODELS_NOTE + f" Style: the IP-Adapter image-prompt model {STYLE_ADAPTER} (or "
+               "ip-adapter_sd15.safetensors) in models/ipadapter."),
+         Group("2. The person", COLORS["faces"], ["identity_photo", "identity", "person"],
+               "The person's identity, from one photo (its largest face)."),
+         Group("3. The style image", COLORS["style"], ["style_photo", "style"],
+               "Encode Style takes the style image's look through CLIP vision. With the face analyzer "
+               "connected, the faces in the style image are painted out first, so it gives its look but "
+               "not its people."),
+         Group("4. Prompt and apply", COLORS["prompt"], ["positive", "negative", "apply"],
+               "alpha: 0.5 balances style image and text; above 0.5 the style image leads, below the text "
+               "does. style_weight scales the style image; style_blocks 'style only' keeps its look "
+               "without copying its layout (InstantStyle)."),
+         Group("5. Sample", COLORS["sample"], ["latent", "sampler", "decode", "save"], SAMPLE_NOTE)],
+        {"identity_photo": "Photo of the person", "style_photo": "Style image",
+         "style_adapter": "Style adapter (image prompt)"},
+    )
+
+
+def two_people() -> Workflow:
+    g = _base("two friends standing side by side in a park, autumn, golden hour, photo", width=768, height=512)
+    _face_models(g)
+    g.add("LoadImage", {"image": LAYOUT}, "layout")
+    g.add("FaceStudioRegions", {"mode": "grow", "count": 2, "image": g.link("layout"),
+                                "face_analyzer": g.link("analyzer"), "width": 768, "height": 512, "feather": 16,
+                                "feather_shape": "gaussian", "grow_width": 3.0, "grow_up": 0.5, "grow_down": 3.0,
+                                "size_weighted": False, "grid_columns": 0}, "regions")
+    first = _photo_identity(g, "identity0", PHOTO)
+    second = _photo_identity(g, "identity1", OTHER_PHOTO)
+    persons = _person(g, "person0", first, masks=g.link("regions"), mask_index=0)
+    persons = _person(g, "person1", second, persons, masks=g.link("regions"), mask_index=1)
+    _apply(g, persons)
+    _regional_prompts(g, g.link("regions"), ("a woman with long red hair, green coat",
+                                             "a man with a beard, blue denim jacket"))
+    return Workflow(
+        "03_two_people_in_regions", "Two people, each in their own region",
+        "Two people in one image, each bound to a region: FaceStudio's multi-identity attention, where the "
+        "image inside person i's region attends only to person i's identity. The regions come from the faces "
+        "of a layout photo (two people, left to right); each person also gets their own prompt in their "
+        "region.",
+        g,
+        [Group("1. Models", COLORS["models"], ["checkpoint", "adapter", "clip_vision", "analyzer"], MODELS_NOTE),
+         Group("2. Regions", COLORS["check"], ["layout", "regions"],
+               "FaceStudio Regions: one mask per person from the layout photo's faces, numbered left to "
+               "right (mask 0 = left). 'grow' grows each face box to head and upper body; 'partition' gives "
+               "every pixel to the nearest face; 'columns' needs no layout photo. Its preview shows whose "
+               "region is where. The layout photo is any picture with the two people placed as you want "
+               "them; its aspect ratio should match the latent's."),
+         Group("3. The people", COLORS["faces"], ["identity0_photo", "identity0", "person0", "identity1_photo",
+                                                   "identity1", "person1"],
+               "Person 0 gets mask_index 0 (left region), person 1 mask_index 1 (right)."),
+         Group("4. Per-person prompts", COLORS["prompt"],
+               ["positive", "negative", "prompt0", "mask0_image", "mask0_pick", "mask0", "prompt0_region",
+                "combine0", "prompt1", "mask1_image", "mask1_pick", "mask1", "prompt1_region", "combine1"],
+               "The whole-image prompt plus each person's own prompt inside their region (ConditioningSetMask). "
+               "Mask i is taken from the Regions batch with MaskToImage -> ImageFromBatch (batch_index i) -> "
+               "ImageToMask."),
+         Group("5. Apply and sample", COLORS["sample"], ["apply", "latent", "sampler", "decode", "save"],
+               "FaceStudio Apply routes each person's identity to their region, in one attention pass. "
+               + SAMPLE_NOTE)],
+        {"identity0_photo": "Photo of person 0 (left)", "identity1_photo": "Photo of person 1 (right)",
+         "layout": "Layout photo (two people)", "prompt0": "Prompt of person 0", "prompt1": "Prompt of person 1"},
+    )
+
+
+def multi_shot() -> Workflow:
+    g = _base("a photo of a person hiking in the mountains, backpack, sunny day")
+    _face_models(g)
+    for i, photo in enumerate((PHOTO, PHOTO_2, PHOTO_3)):
+        g.add("LoadImage", {"image": photo}, f"shot{i}")
+    g.add("ImageBatch", {"image1": g.link("shot0"), "image2": g.link("shot1")}, "batch01")
+    g.add("ImageBatch", {"image1": g.link("batch01"), "image2": g.link("shot2")}, "batch")
+    identity = _encode(g, "identity", g.link("batch"))
+    g.add("PreviewAny", {"source": g.link("identity", 1), **PREVIEW_ANY_WIDGET}, "report")
+    g.add("FaceStudioIdentitySave", {"identity": identity, "filename_prefix": "person"}, "save_identity")
+    _apply(g, _person(g, "person", identity))
+    return Workflow(
+        "04_multi_shot_identity", "One person from several photos",
+        "One person from several photos (multi-shot): more views of a face give a steadier likeness. The "
+        "report shows which shots were used and which were dropped as not matching the others.",
+        g,
+        [Group("1. Models", COLORS["models"], ["checkpoint", "adapter", "clip_vision", "analyzer"], MODELS_NOTE),
+         Group("2. Several photos", COLORS["faces"], ["shot0", "shot1", "shot2", "batch01", "batch"],
+               "Three photos of the same person, batched. Image Batch resizes the second image to the first's "
+               "size; for very different sizes chain Encode Identity nodes through their 'identity' input."),
+         Group("3. One identity", COLORS["faces"], ["identity", "report", "save_identity", "person"],
+               "Encode Identity combines the shots (weighted by detection score); with 3+ shots, one whose "
+               "similarity to the others is below outlier_threshold is dropped. The report (Preview Any) says "
+               "which. Save Identity keeps the result for Load Identity."),
+         Group("4. Prompt, apply, sample", COLORS["sample"], ["positive", "negative", "apply", "latent", "sampler",
+                                                             "decode", "save"], SAMPLE_NOTE)],
+        {"shot0": "Photo 1", "shot1": "Photo 2", "shot2": "Photo 3", "report": "Shots used / dropped"},
+    )
+
+
+def identity_mix() -> Workflow:
+    g = _base("a photo of a person smiling, studio portrait, soft light")
+    _face_models(g)
+    first = _photo_identity(g, "identity_a", PHOTO)
+    second = _photo_identity(g, "identity_b", OTHER_PHOTO)
+    g.add("FaceStudioIdentityMix", {"identity_a": first, "identity_b": second, "weight": 0.5, "weight_c": 0.0,
+                                    "weight_d": 0.0}, "mix")
+    _apply(g, _person(g, "person", g.link("mix")))
+    return Workflow(
+        "05_identity_mixing", "Identity mixing",
+        "A new face between two people: Mix Identities blends their identities (weight = share of B). "
+        "Up to four identities made with the same face analyzer can be mixed.",
+        g,
+        [Group("1. Models", COLORS["models"], ["checkpoint", "adapter", "clip_vision", "analyzer"], MODELS_NOTE),
+         Group("2. Two people", COLORS["faces"], ["identity_a_photo", "identity_a", "identity_b_photo", "identity_b"],
+               "The two identities to blend, one photo each."),
+         Group("3. Mix", COLORS["faces"], ["mix", "person"],
+               "weight 0: person A; 1: person B; 0.5 halfway. identity_c / identity_d (with weight_c / "
+               "weight_d) add more."),
+         Group("4. Prompt, apply, sample", COLORS["sample"], ["positive", "negative", "apply", "latent", "sampler",
+                                                             "decode", "save"], SAMPLE_NOTE)],
+        {"identity_a_photo": "Photo of person A", "identity_b_photo": "Photo of person B"},
+    )
+
+
+def controlnet_lora() -> Workflow:
+    g = _base("a dancer on a stage, dramatic lighting, photo")
+    g.add("LoraLoader", {"model": g.link("checkpoint", 0), "clip": g.link("checkpoint", 1),
+                         "lora_name": STYLE_LORA, "strength_model": 0.7, "strength_clip": 0.7}, "lora")
+    for name in ("positive", "negative"):
+        g.prompt[g[name]]["inputs"]["clip"] = g.link("lora", 1)
+    _face_models(g)
+    _photo_identity(g, "identity", PHOTO)
+    g.add("ControlNetLoader", {"control_net_name": CONTROLNET_POSE}, "controlnet")
+    g.add("LoadImage", {"image": POSE}, "pose")
+    g.add("ControlNetApplyAdvanced", {"positive": g.link("positive"), "negative": g.link("negative"),
+                                      "control_net": g.link("controlnet"), "image": g.link("pose"),
+                                      "strength": 0.8, "start_percent": 0.0, "end_percent": 1.0,
+                                      "vae": g.link("checkpoint", 2)}, "control")
+    g.prompt[g["sampler"]]["inputs"].update(positive=g.link("control", 0), negative=g.link("control", 1))
+    _apply(g, _person(g, "person", g.link("identity")), model=g.link("lora", 0))
+    return Workflow(
+        "06_controlnet_pose_and_lora", "With a ControlNet (pose) and a LoRA",
+        "FaceStudio with the tools you already use: a LoRA on the checkpoint, an OpenPose ControlNet for the "
+        "body's pose, and FaceStudio Apply for the face, all in one graph.",
+        g,
+        [Group("1. Models", COLORS["models"], ["checkpoint", "lora", "adapter", "clip_vision", "analyzer"],
+               MODELS_NOTE + f" LoRA: any SD1.5 LoRA in models/loras ({STYLE_LORA} is an example)."),
+         Group("2. The person", COLORS["faces"], ["identity_photo", "identity", "person"],
+               "The person's identity, from one photo (its largest face)."),
+         Group("3. Pose", COLORS["style"], ["controlnet", "pose", "control"],
+               f"An OpenPose skeleton image (e.g. from an OpenPose preprocessor) and {CONTROLNET_POSE} in "
+               "models/controlnet. The ControlNet sets the body; FaceStudio the face."),
+         Group("4. Prompt, apply, sample", COLORS["sample"], ["positive", "negative", "apply", "latent", "sampler",
+                                                             "decode", "save"],
+               "FaceStudio Apply goes after the LoRA loader (it patches the LoRA'd model). " + SAMPLE_NOTE)],
+        {"identity_photo": "Photo of the person", "pose": "Pose image (OpenPose)", "lora": "Style LoRA"},
+    )
+
+
+def image_to_image() -> Workflow:
+    g = _base("two people at a cafe table, candid photo", denoise=0.6)
+    _face_models(g)
+    g.add("LoadImage", {"image": SCENE}, "scene")
+    g.add("ImageScale", {"image": g.link("scene"), "upscale_method": "lanczos", "width": 768, "height": 512,
+                         "crop": "center"}, "scene_scaled")
+    g.add("VAEEncode", {"pixels": g.link("scene_scaled"), "vae": g.link("checkpoint", 2)}, "scene_latent")
+    del g.prompt[g["latent"]], g.nodes["latent"]
+    g.prompt[g["sampler"]]["inputs"]["latent_image"] = g.link("scene_latent")
+    g.add("FaceStudioRegions", {"mode": "partition", "count": 2, "image": g.link("scene_scaled"),
+                                "face_analyzer": g.link("analyzer"), "width": 768, "height": 512, "feather": 16,
+                                "feather_shape": "gaussian", "grow_width": 3.0, "grow_up": 0.5, "grow_down": 3.0,
+                                "size_weighted": True, "grid_columns": 0}, "regions")
+    first = _photo_identity(g, "identity0", PHOTO)
+    second = _photo_identity(g, "identity1", OTHER_PHOTO)
+    persons = _person(g, "person0", first, masks=g.link("regions"), mask_index=0)
+    persons = _person(g, "person1", second, persons, masks=g.link("regions"), mask_index=1)
+    _apply(g, persons)
+    return Workflow(
+        "07_image_to_image", "Image to image: keep the scene, replace the people",
+        "Image to image: the scene photo's layout (composition, poses, colours) is kept and its two people "
+        "become the two identities. denoise below 1 (0.5-0.7) sets how much is redrawn.",
+        g,
+        [Group("1. Models", COLORS["models"], ["checkpoint", "adapter", "clip_vision", "analyzer"], MODELS_NOTE),
+         Group("2. The scene", COLORS["check"], ["scene", "scene_scaled", "scene_latent", "regions"],
+               "The scene photo, scaled to the output size and encoded as the starting latent. Regions "
+               "'partition' gives every pixel to the nearest of its two faces (size-weighted), numbered left "
+               "to right: each new person takes the place of the old one on that side."),
+         Group("3. The people", COLORS["faces"], ["identity0_photo", "identity0", "person0", "identity1_photo",
+                                                   "identity1", "person1"],
+               "Person 0 replaces the scene's left person (mask_index 0), person 1 the right one."),
+         Group("4. Prompt, apply, sample", COLORS["sample"], ["positive", "negative", "apply", "sampler", "decode",
+                                                             "save"],
+               "denoise 0.6: lower keeps more of the scene (and of its people's faces), higher follows the "
+               "identities and the prompt more. " + SAMPLE_NOTE)],
+        {"identity0_photo": "Photo of person 0 (left)", "identity1_photo": "Photo of person 1 (right)",
+         "scene": "Scene photo"},
+    )
+
+
+def scoring() -> Workflow:
+    g = _base("a photo of a person reading in a library, warm light")
+    _face_models(g)
+    identity = _photo_identity(g, "identity", PHOTO)
+    _apply(g, _person(g, "person", identity))
+    g.add("FaceStudioIdentityScore", {"image": g.link("decode"), "face_analyzer": g.link("analyzer"),
+                                      "identity_1": identity, "threshold": 0.3}, "score")
+    g.add("PreviewAny", {"source": g.link("score", 1), **PREVIEW_ANY_WIDGET}, "score_report")
+    return Workflow(
+        "08_generate_and_score", "Generate, then score the likeness",
+        "Generation followed by FaceStudio Identity Score: how much each generated face looks like the "
+        "reference identity (cosine similarity of face embeddings), so settings can be compared by numbers.",
+        g,
+        [Group("1. Models", COLORS["models"], ["checkpoint", "adapter", "clip_vision", "analyzer"], MODELS_NOTE),
+         Group("2. The person", COLORS["faces"], ["identity_photo", "identity", "person"],
+               "The person's identity, from one photo (its largest face)."),
+         Group("3. Prompt, apply, sample", COLORS["sample"], ["positive", "negative", "apply", "latent", "sampler",
+                                                             "decode", "save"], SAMPLE_NOTE),
+         Group("4. Score", COLORS["check"], ["score", "score_report"],
+               "Identity Score finds the faces of the generated image, pairs them with the identities and "
+               "reports each one's similarity (a face not found is reported, not an error). Use the same "
+               "face analyzer as for encoding. Compare seeds, weights or lora_strength by these numbers.")],
+        {"identity_photo": "Photo of the person", "score_report": "Score report"},
+    )
+
+
+WORKFLOWS = {w.name: w for w in (one_person(), stylized_portrait(), two_people(), multi_shot(), identity_mix(),
+                                 controlnet_lora(), image_to_image(), scoring())}
+
+def api_view(prompt: dict) -> dict:
+    """class_type and inputs of each node (the frontend adds `_meta` titles)."""
+    return {str(i): {"class_type": n["class_type"], "inputs": n["inputs"]} for i, n in prompt.items()}
+
+
+def prompt_differences(expected: dict, got: dict) -> list[str]:
+    """Where two API prompts differ in class types or inputs (titles in `_meta` are ignored)."""
+    expected, got = api_view(expected), api_view(got)
+    out = [f"node {i} ({expected[i]['class_type']}) missing" for i in expected if i not in got]
+    out += [f"node {i} ({got[i]['class_type']}) not in the definition" for i in got if i not in expected]
+    for i in sorted(set(expected) & set(got), key=int):
+        e, g = expected[i], got[i]
+        if e["class_type"] != g["class_type"]:
+            out.append(f"node {i}: {g['class_type']} instead of {e['class_type']}")
+            continue
+        for key in sorted(set(e["inputs"]) | set(g["inputs"])):
+            if e["inputs"].get(key, "<absent>") != g["inputs"].get(key, "<absent>"):
+                out.append(f"node {i} ({e['class_type']}).{key}: frontend {g['inputs'].get(key, '<absent>')!r}, "
+                           f"definition {e['inputs'].get(key, '<absent>')!r}")
+    return out
+
+
+# Sizes and steps the tests lower for speed on CPU (the only changes they make before running).
+TEST_OVERRIDES = {"EmptyLatentImage": {"width": 64, "height": 64}, "KSampler": {"steps": 2}}
+
+
+def with_test_overrides(prompt: dict) -> dict:
+    """A copy of `prompt` with TEST_OVERRIDES applied (nothing else changes)."""
+    out = {}
+    for node_id, node in prompt.items():
+        inputs = {**node["inputs"], **TEST_OVERRIDES.get(node["class_type"], {})}
+        out[node_id] = {**node, "inputs": inputs}
+    return out

@@ -1,0 +1,197 @@
+"""The bundled workflows (workflows/*.json): served as templates by the real server, loaded in the
+host's own frontend (headless Chromium) without missing nodes or error dialogs, converted by the
+frontend's own graph-to-prompt into exactly their API definition (tests/facestudio_testing/
+workflow_defs.py: wrong widget order or a renamed input shows here), and run by the real server
+on small models saved under the workflows' public model file names.
+
+The only change made before running is workflow_defs.TEST_OVERRIDES (a 64x64 latent, 2 steps),
+for speed on CPU; the frontend comparison is on the stored definition, unchanged.
+"""
+from __future__ import annotations
+
+import io
+import json
+import urllib.parse
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+from facestudio_testing import adapter_files as af
+from facestudio_testing import clip_models, frontend, tiny_controlnet, tiny_models
+from facestudio_testing import face_models as fm
+from facestudio_testing import workflow_defs as wd
+from facestudio_testing.bootstrap import PACK_LINK_NAME, PACK_ROOT
+from facestudio_testing.server import execution_error
+
+pytestmark = pytest.mark.filterwarnings("ignore:.*estimate.*deprecated:FutureWarning")
+
+WORKFLOWS_DIR = PACK_ROOT / "workflows"
+NAMES = sorted(wd.WORKFLOWS)
+# The test CLIP vision model is ViT-L (1024 hidden, 768 projected), not ViT-H: the adapters saved
+# under the ViT-H adapters' names are made with the widths it gives.
+VITL_HIDDEN, VITL_EMBEDS = 1024, 768
+
+
+def test_every_defined_workflow_is_stored_with_a_thumbnail_and_nothing_else():
+    stored = sorted(p.stem for p in WORKFLOWS_DIR.glob("*.json"))
+    assert stored == NAMES, "workflows/ differs from workflow_defs.WORKFLOWS: run scripts/make_workflows.py"
+    for name in NAMES:
+        thumbnail = WORKFLOWS_DIR / f"{name}.jpg"
+        assert thumbnail.is_file(), f"{thumbnail.name} missing"
+        with Image.open(thumbnail) as image:
+            assert image.format == "JPEG" and min(image.size) >= 256
+            assert np.asarray(image.convert("L")).std() > 10, f"{thumbnail.name} is blank"
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_definition_uses_public_model_names_and_has_every_node_in_a_group(name):
+    workflow = wd.WORKFLOWS[name]
+    workflow.layout()  # raises for a node in no group
+    widgets = {(n["class_type"], k): v for n in workflow.prompt.values() for k, v in n["inputs"].items()}
+    assert widgets[("CheckpointLoaderSimple", "ckpt_name")] == wd.CHECKPOINT
+    assert widgets[("FaceStudioAdapterLoader", "adapter_name")] in (wd.FACEID_PLUS_V2, wd.STYLE_ADAPTER)
+    assert widgets[("FaceStudioFaceAnalyzerLoader", "pack")] == wd.FACE_PACK
+    assert all(g.note.strip() for g in workflow.groups)
+
+
+def test_the_server_lists_and_serves_the_workflows_as_templates(comfy_server):
+    listed = comfy_server.get_json("/workflow_templates")
+    assert sorted(listed.get(PACK_LINK_NAME, [])) == NAMES, listed
+    for name in NAMES:
+        for suffix in (".json", ".jpg"):
+            path = f"/api/workflow_templates/{PACK_LINK_NAME}/{urllib.parse.quote(name)}{suffix}"
+            assert comfy_server.request(path) == (WORKFLOWS_DIR / f"{name}{suffix}").read_bytes(), path
+
+
+def on_the_frontends_grid(value: int, spec: dict) -> bool:
+    """The frontend's INT widgets snap what is set or typed to (min % step) + k * step."""
+    step = spec.get("step", 1) or 1
+    offset = spec.get("min", 0) % step if step != 1 else 0
+    return (value - offset) % step == 0
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_every_int_value_is_one_the_frontend_keeps(comfy_server, name):
+    """A value off its widget's step grid is changed by the frontend as soon as it is set (loadApiJson)
+    or edited: e.g. min 1 with step 8 turns 512 into 513. Checked on the host's /object_info."""
+    info = comfy_server.get_json("/object_info")
+    off = []
+    for node_id, node in wd.WORKFLOWS[name].prompt.items():
+        specs = {**info[node["class_type"]]["input"].get("required", {}),
+                 **info[node["class_type"]]["input"].get("optional", {})}
+        for key, value in node["inputs"].items():
+            kind, spec = (specs[key] + [{}])[:2] if key in specs else (None, {})
+            if kind == "INT" and not on_the_frontends_grid(value, spec):
+                off.append(f"node {node_id} {node['class_type']}.{key} = {value}: min {spec.get('min')}, "
+                           f"step {spec.get('step')} (the frontend makes it "
+                           f"{spec.get('min', 0) % spec['step'] + round((value - spec.get('min', 0) % spec['step']) / spec['step']) * spec['step']})")
+    assert not off, "\n".join(off)
+
+
+# --- in the real frontend -----------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def page(comfy_server):
+    frontend.require_browser()
+    with frontend.browser() as browser:
+        ui = frontend.Frontend(browser, comfy_server)
+        yield ui
+        ui.close()
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_loads_in_the_frontend_and_converts_to_its_definition(page, comfy_server, name, tmp_path):
+    template = json.loads(comfy_server.request(f"/api/workflow_templates/{PACK_LINK_NAME}/{name}.json"))
+    page.errors.clear()
+    page.load_workflow(template, f"{name}.json")
+    assert page.dialogs() == [], f"{name}: dialog(s) open after loading"
+    assert page.unknown_node_types() == [], f"{name}: node types the frontend does not know"
+    assert page.errors == [], f"{name}: page errors while loading"
+    workflow = wd.WORKFLOWS[name]
+    types = page.node_types()
+    assert sorted(t for t in types if t != "Note") == sorted(n["class_type"] for n in workflow.prompt.values())
+    assert types.count("Note") == len(workflow.groups) + 1  # one per group and the overview
+    serialized = page.serialize()
+    assert [g["title"] for g in serialized["groups"]] == [g.title for g in workflow.groups]
+
+    converted = page.graph_to_prompt()
+    problems = wd.prompt_differences(workflow.prompt, converted)
+    assert not problems, f"{name}: the frontend's prompt differs from the definition:\n" + "\n".join(problems)
+
+    page.fit_view()
+    shot = tmp_path / f"{name}.jpg"
+    page.screenshot(shot)
+    with Image.open(shot) as image:
+        assert np.asarray(image.convert("L")).std() > 10, "the loaded workflow's screenshot is blank"
+
+
+# --- in the real server, on small models under the public names -----------------------------------
+def _photo(cells) -> np.ndarray:
+    return fm.tiny_face_image(cells)
+
+
+@pytest.fixture(scope="module")
+def installed(comfy_server, tiny_sd15_file):
+    """The tiny models under the workflows' file names, and their input pictures."""
+    models, inputs = comfy_server.models, comfy_server.base / "input"
+    tiny_models.link_model(tiny_sd15_file, models, "checkpoints", wd.CHECKPOINT)
+    tiny_models.link_model(fm.tiny_pack(), models, "insightface/models", wd.FACE_PACK)
+    clip_models.install_vitl(models, wd.CLIP_VISION)
+    # FaceID Plus v2 (name says v2) with its LoRA in the file, as the release's .bin (torch.save, nested).
+    af.write_adapter(models / "ipadapter" / wd.FACEID_PLUS_V2,
+                     af.adapter_state_dict("faceid-plus", af.SD15, clip_hidden=VITL_HIDDEN))
+    af.write_adapter(models / "ipadapter" / wd.STYLE_ADAPTER,
+                     af.adapter_state_dict("image-prompt-plus", af.SD15, seed=3, clip_hidden=VITL_HIDDEN,
+                                           image_embeds=VITL_EMBEDS))
+    # The release's .pth is a pickled state dict: the tiny ControlNet's tensors saved that way.
+    torch.save(load_file(str(tiny_controlnet.controlnet_file())), models / "controlnet" / wd.CONTROLNET_POSE)
+    save_file(af.lora_like_state_dict(seed=4), str(models / "loras" / wd.STYLE_LORA))
+    hint = np.zeros((512, 512, 3), np.uint8)
+    hint[128:384, 208:304] = 255
+    noise = (np.random.default_rng(0).random((96, 80, 3)) * 255).astype(np.uint8)
+    # The scene is already the ImageScale node's 768x512, with two bright squares that, at the face
+    # detector's 640-px scale (x 5/6), cover whole cells of the tiny detector's 32-px grid.
+    scene = np.zeros((512, 768, 3), np.uint8)
+    scene[192:288, 192:288] = 255
+    scene[192:288, 538:634] = 255
+    pictures = {
+        wd.PHOTO: _photo(((6, 6, "white"),)), wd.PHOTO_2: _photo(((7, 8, "white"),)),
+        wd.PHOTO_3: _photo(((5, 5, "white"),)), wd.OTHER_PHOTO: _photo(((6, 6, "green"),)),
+        wd.LAYOUT: _photo(((8, 4, "white"), (8, 14, "white"))), wd.SCENE: scene,
+        wd.STYLE_IMAGE: noise, wd.POSE: hint,
+    }
+    for file_name, rgb in pictures.items():
+        Image.fromarray(rgb).save(inputs / file_name)
+    return comfy_server
+
+
+def text_output(entry: dict, node_id: str) -> str:
+    ui = entry["outputs"].get(node_id, {})
+    return "\n".join(str(t) for t in ui.get("text", []))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_runs_in_the_server_on_tiny_models(installed, name):
+    workflow = wd.WORKFLOWS[name]
+    prompt = wd.with_test_overrides(workflow.prompt)
+    # A fresh seed per run: the host serves an identical resubmission from its cache.
+    for node in prompt.values():
+        if node["class_type"] == "KSampler":
+            node["inputs"]["seed"] = int.from_bytes(name.encode()[:4], "little")
+    entry = installed.run(prompt, timeout=600)
+    assert execution_error(entry) is None, f"{name}: {execution_error(entry)}"
+    save = workflow.graph["save"]
+    images = entry["outputs"][save]["images"]
+    assert len(images) == 1
+    image = Image.open(io.BytesIO(installed.view(images[0]["filename"], images[0]["subfolder"])))
+    expected = (64, 64) if any(n["class_type"] == "EmptyLatentImage" for n in prompt.values()) else (768, 512)
+    assert image.size == expected
+    if name == "04_multi_shot_identity":
+        report = text_output(entry, workflow.graph["report"])
+        assert "shot" in report.lower(), report
+    if name == "08_generate_and_score":
+        report = text_output(entry, workflow.graph["score_report"])
+        assert "identity_1" in report, report
