@@ -119,6 +119,27 @@ install_torchvision_shim_if_needed() {
     "$FACESTUDIO_PY" -c 'import torchvision' || { log "torchvision still fails to import"; return 1; }
 }
 
+# --- 3. a browser for the frontend tests (tests/test_workflows.py) -------------
+# Only when FACESTUDIO_SETUP_BROWSER=1 (scripts/test.sh sets it; run.sh does not). Playwright drives
+# the system's Chromium and never downloads one. Without a browser those tests skip, or fail when
+# FACESTUDIO_REQUIRE_BROWSER=1 (.ci/run).
+ensure_chromium() {
+    local name
+    [ -n "${FACESTUDIO_CHROMIUM:-}" ] && return 0
+    for name in chromium chromium-browser google-chrome google-chrome-stable; do
+        command -v "$name" >/dev/null 2>&1 && return 0
+    done
+    if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+        log "installing chromium (apt-get) for the frontend tests"
+        { apt-get install -y -q --no-install-recommends chromium \
+            || { apt-get update -q && apt-get install -y -q --no-install-recommends chromium; }; } >/dev/null 2>&1 \
+            || log "could not install chromium: the frontend tests will skip (and fail in CI)"
+    else
+        log "no chromium: the frontend tests will skip (install chromium, or set FACESTUDIO_CHROMIUM)"
+    fi
+}
+
 resolve_host
 setup_venv
+if [ "${FACESTUDIO_SETUP_BROWSER:-0}" = 1 ]; then ensure_chromium; fi
 export FACESTUDIO_ROOT FACESTUDIO_PY COMFYUI_DIR

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs the whole test suite, doing any set-up it needs first. Extra arguments go to pytest.
 set -euo pipefail
+export FACESTUDIO_SETUP_BROWSER="${FACESTUDIO_SETUP_BROWSER:-1}"  # setup.sh: chromium for the frontend tests
 source "$(dirname "${BASH_SOURCE[0]}")/setup.sh"
 cd "$FACESTUDIO_ROOT"
 export COMFYUI_DIR
