@@ -5,11 +5,15 @@
 # Host, in order: $COMFYUI_PATH; the ComfyUI whose custom_nodes/ holds this pack;
 # a clone of the pinned commit (scripts/comfyui.pin) into .comfyui/ComfyUI.
 # Environment knobs: FACESTUDIO_VENV (default .venv), PYTHON (default python3),
-# FACESTUDIO_TORCH (the torch requirement, default torch==2.13.0).
+# FACESTUDIO_TORCH (the torch requirement, default torch==2.13.0),
+# FACESTUDIO_HOST_PIN (the pin file, default scripts/comfyui.pin) and FACESTUDIO_HOST_DIR: when
+# set, the host is always a clone of that pin in that folder (COMFYUI_PATH and an enclosing
+# ComfyUI are not used); scripts/test-oldest-host.sh sets all three for the oldest supported host.
 set -euo pipefail
 
 FACESTUDIO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${FACESTUDIO_VENV:-$FACESTUDIO_ROOT/.venv}"
+HOST_PIN="${FACESTUDIO_HOST_PIN:-$FACESTUDIO_ROOT/scripts/comfyui.pin}"
 PYTHON="${PYTHON:-python3}"
 TORCH_REQ="${FACESTUDIO_TORCH:-torch==2.13.0}"
 # torchvision must match torch exactly, or pip "upgrades" torch to a multi-GB CUDA build.
@@ -17,10 +21,19 @@ TORCHVISION_REQ="${FACESTUDIO_TORCHVISION:-torchvision==0.28.0}"
 
 log() { printf '[facestudio setup] %s\n' "$*" >&2; }
 
-pin_value() { sed -n "s/^$1=//p" "$FACESTUDIO_ROOT/scripts/comfyui.pin"; }
+pin_value() {
+    local value
+    value="$(sed -n "s/^$1=//p" "$HOST_PIN")"
+    [ -n "$value" ] || { log "$HOST_PIN has no '$1=' line"; return 1; }
+    printf '%s\n' "$value"
+}
 
 # --- 1. the host -------------------------------------------------------------
 resolve_host() {
+    if [ -n "${FACESTUDIO_HOST_DIR:-}" ]; then
+        clone_pinned_host "$FACESTUDIO_HOST_DIR"
+        return
+    fi
     if [ -n "${COMFYUI_PATH:-}" ]; then
         [ -f "$COMFYUI_PATH/main.py" ] || { log "COMFYUI_PATH=$COMFYUI_PATH has no main.py: point it at a ComfyUI checkout."; return 1; }
         COMFYUI_DIR="$(cd "$COMFYUI_PATH" && pwd)"
@@ -32,12 +45,17 @@ resolve_host() {
         COMFYUI_DIR="$(dirname "$parent")"
         return
     fi
-    COMFYUI_DIR="$FACESTUDIO_ROOT/.comfyui/ComfyUI"
+    clone_pinned_host "$FACESTUDIO_ROOT/.comfyui/ComfyUI"
+}
+
+# The pinned commit of $HOST_PIN, checked out in $1 (cloned there first if needed).
+clone_pinned_host() {
+    mkdir -p "$(dirname "$1")"
+    COMFYUI_DIR="$(cd "$(dirname "$1")" && pwd)/$(basename "$1")"
     local url commit
     url="$(pin_value url)"; commit="$(pin_value commit)"
     if [ ! -d "$COMFYUI_DIR/.git" ]; then
         log "cloning ComfyUI $commit from $url"
-        mkdir -p "$(dirname "$COMFYUI_DIR")"
         git clone -q --no-checkout "$url" "$COMFYUI_DIR"
     fi
     if [ "$(git -C "$COMFYUI_DIR" rev-parse HEAD 2>/dev/null || true)" != "$commit" ] \
@@ -47,7 +65,8 @@ resolve_host() {
             # A mirror that lacks the HunyuanVideo tokenizer blob cannot check it out; nothing here needs it.
             log "full checkout failed; retrying without comfy/text_encoders/llama_tokenizer/tokenizer.json"
             git -C "$COMFYUI_DIR" sparse-checkout set --no-cone '/*' '!/comfy/text_encoders/llama_tokenizer/tokenizer.json'
-            git -C "$COMFYUI_DIR" -c advice.detachedHead=false checkout -q -f "$commit" 2>/dev/null
+            git -C "$COMFYUI_DIR" -c advice.detachedHead=false checkout -q -f "$commit" \
+                || { log "cannot check out ComfyUI $commit (from $HOST_PIN) in $COMFYUI_DIR"; return 1; }
         fi
     fi
 }

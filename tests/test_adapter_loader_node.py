@@ -46,6 +46,7 @@ def test_schema_as_the_editor_sees_it(comfy_host):
     assert inputs["model"][0] == "MODEL"
 
 
+@pytest.mark.smoke
 def test_loads_an_adapter_through_the_executor(comfy_host, ipadapter_dir, booted):
     path = af.write_adapter(ipadapter_dir / af.release_file_name("faceid-plus-v2", af.SD15, ".safetensors"),
                             af.shared_state_dict("faceid-plus-v2", af.SD15))

@@ -238,6 +238,7 @@ def base(ckpt, seed=0):
     return graphs.txt2img(ckpt, output="latent", seed=seed)
 
 
+@pytest.mark.smoke
 def test_weight_zero_is_bit_identical_and_weight_one_changes_the_latent(comfy_host, setup):
     plain = run_latent(comfy_host, base(setup))
     latents = {}
@@ -294,6 +295,7 @@ def test_wrong_identity_or_adapter_is_a_clear_error(comfy_host, setup, case, mes
     assert message in result.error
 
 
+@pytest.mark.smoke
 def test_a_masked_person_runs_and_a_missing_mask_index_is_a_clear_error(comfy_host, setup):
     plain = run_latent(comfy_host, base(setup))
     for index, ok in ((0, True), (1, False)):
@@ -310,6 +312,7 @@ def test_a_masked_person_runs_and_a_missing_mask_index_is_a_clear_error(comfy_ho
             assert "mask_index 1 is out of range" in result.error
 
 
+@pytest.mark.smoke
 def test_alpha_zero_with_a_style_equals_no_style(comfy_host, setup):
     def latent(**style):
         g = base(setup, seed=3)

@@ -98,6 +98,7 @@ def test_pack_list_and_missing_pack(comfy_host, installed_pack, booted):
     assert str(booted.models / "insightface" / "models") in result.error and "buffalo_l" in result.error
 
 
+@pytest.mark.smoke
 def test_encode_chain_mix_save_load(comfy_host, installed_pack, photos, booted, identities_dir):
     ident = booted.pack_module("encoders.identity")
     faces = booted.pack_module("encoders.faces")
@@ -191,6 +192,7 @@ def test_batch_is_several_shots_with_a_progress_bar(comfy_host, installed_pack, 
     assert calls == [(1, 2), (2, 2)]
 
 
+@pytest.mark.smoke
 def test_encode_with_clip_vision_through_the_executor(comfy_host, installed_pack, photos, booted):
     """Encode Identity fed by the host's CLIPVisionLoader (a seeded random ViT-L file, see clip_models)."""
     import comfy.clip_vision

@@ -14,6 +14,7 @@ def folders(booted):
     folder_paths.filename_list_cache.clear()
 
 
+@pytest.mark.smoke
 def test_the_entry_point_registers_the_folders_under_models(pack, folders):
     import asyncio
 

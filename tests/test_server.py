@@ -4,6 +4,7 @@ from __future__ import annotations
 import io
 import re
 
+import pytest
 from PIL import Image
 
 from facestudio_testing import graphs, tiny_models
@@ -11,6 +12,7 @@ from facestudio_testing.bootstrap import PACK_LINK_NAME
 from facestudio_testing.server import execution_error
 
 
+@pytest.mark.smoke
 def test_text_to_image_over_http_returns_a_png_of_the_requested_size(server_with_checkpoint):
     server = server_with_checkpoint
     # Not square, so that swapped width and height cannot pass.
@@ -31,6 +33,7 @@ def test_text_to_image_over_http_returns_a_png_of_the_requested_size(server_with
     assert image.mode == "RGB"
 
 
+@pytest.mark.smoke
 def test_object_info_lists_every_pack_node(comfy_server, booted):
     node_list = booted.pack_module("nodes").NODE_LIST
     assert node_list, "the pack registers no nodes"
@@ -42,6 +45,7 @@ def test_object_info_lists_every_pack_node(comfy_server, booted):
         assert object_info[node_id]["python_module"] == f"custom_nodes.{PACK_LINK_NAME}"
 
 
+@pytest.mark.smoke
 def test_startup_log_shows_the_pack_loaded_without_import_errors(comfy_server):
     log = comfy_server.log()
     pack_path = re.escape(f"custom_nodes/{PACK_LINK_NAME}")

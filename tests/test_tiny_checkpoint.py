@@ -91,6 +91,7 @@ def test_cross_attention_at_sd15_positions(comfy_host, sd15_run):
     ) == sorted(SD15_ATTN2)
 
 
+@pytest.mark.smoke
 def test_two_step_sampling_gives_a_finite_latent(comfy_host, sd15_run):
     graph, result = sd15_run
     latent = latent_of(comfy_host, graph, result)
