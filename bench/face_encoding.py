@@ -14,7 +14,8 @@ Baselines, measured in the same run on the same photos:
 - raw onnxruntime sessions: the same detector and recognizer files in two plain InferenceSessions with
   this script's own minimal pre/post-processing (float -> BGR uint8, letterbox to 640, the detector,
   decode boxes and landmarks at strides 8/16/32, NMS, insightface.utils.face_align.norm_crop to 112,
-  the recognizer): what the pack's encoder must stay within 10% of;
+  the recognizer), with the pack's session options (worker threads do not busy-wait between runs):
+  what the pack's encoder must stay within 10% of;
 - insightface FaceAnalysis, detection + recognition only, and with its default modules.
 The pack: encoders/faces.detect_and_embed (every face, left to right), and encoders/identity.encode_identity
 (one face, as FaceStudio Encode Identity runs it) without a cache, then with a fresh FaceCache (first run)
@@ -61,6 +62,10 @@ class RawSessions:
 
         options = onnxruntime.SessionOptions()
         options.log_severity_level = 3
+        # The pack's session options: without them both sessions' threads busy-wait between runs
+        # and roughly double every figure here on 2 cores, which would flatter the pack's ratio.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        options.add_session_config_entry("session.inter_op.allow_spinning", "0")
         self.det = onnxruntime.InferenceSession(str(pack_dir / fm.REAL_DETECTOR), options, providers=providers)
         self.rec = onnxruntime.InferenceSession(str(pack_dir / fm.REAL_RECOGNIZER), options, providers=providers)
         self.det_input, self.rec_input = self.det.get_inputs()[0].name, self.rec.get_inputs()[0].name
