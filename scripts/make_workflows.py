@@ -1,20 +1,19 @@
-"""Writes workflows/*.json (UI format), their .jpg thumbnails and docs/workflow_two_people.jpg.
+"""Writes workflows/*.json (UI format).
 
 The workflows are defined once, as API-format prompts with their groups and notes, in
 tests/facestudio_testing/workflow_defs.py. This script starts the real ComfyUI server with the pack
 (as the tests do), loads each prompt into the host's own frontend in headless Chromium
 (app.loadApiJson), places nodes, groups and notes, and saves what the frontend serializes
-(app.graph.serialize()) and a screenshot of it. tests/test_workflows.py checks the result.
+(app.graph.serialize()). tests/test_workflows.py checks the result. The pictures (workflows/*.jpg and
+docs/) are screenshots taken by that test: make them afterwards with scripts/update_pictures.sh.
 
-    bash scripts/setup.sh >/dev/null; .venv/bin/python scripts/make_workflows.py
+    bash scripts/setup.sh >/dev/null; .venv/bin/python scripts/make_workflows.py; bash scripts/update_pictures.sh
 (COMFYUI_DIR: the host, default .comfyui/ComfyUI; a Chromium as tests/facestudio_testing/frontend.py finds it.)
 """
 from __future__ import annotations
 
 import json
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -24,8 +23,6 @@ from facestudio_testing import frontend, workflow_defs  # noqa: E402
 from facestudio_testing.server import ComfyServer  # noqa: E402
 
 WORKFLOWS = ROOT / "workflows"
-DOCS_SCREENSHOT = ROOT / "docs" / "workflow_two_people.jpg"
-DOCS_WORKFLOW = "03_two_people_in_regions"
 
 
 def main() -> int:
@@ -34,14 +31,12 @@ def main() -> int:
         print(f"cannot make the workflows: {reason}", file=sys.stderr)
         return 1
     WORKFLOWS.mkdir(exist_ok=True)
-    DOCS_SCREENSHOT.parent.mkdir(exist_ok=True)
     server = ComfyServer()
     made = {}  # path -> bytes; nothing is written unless every workflow succeeds
     try:
         server.start()
         with frontend.browser() as browser:
             page = frontend.Frontend(browser, server)
-            shot = Path(tempfile.mkdtemp(prefix="facestudio-shot-")) / "shot.jpg"
             for name, workflow in workflow_defs.WORKFLOWS.items():
                 types = {n["class_type"] for n in workflow.prompt.values()}
                 missing = types - set(page.registered(types))
@@ -54,14 +49,7 @@ def main() -> int:
                 page.arrange(workflow.layout())
                 graph = page.serialize()
                 made[WORKFLOWS / f"{name}.json"] = (json.dumps(graph, indent=2) + "\n").encode()
-                page.fit_view()
-                page.screenshot(shot)
-                made[WORKFLOWS / f"{name}.jpg"] = shot.read_bytes()
-                if name == DOCS_WORKFLOW:
-                    page.screenshot(shot, quality=85)
-                    made[DOCS_SCREENSHOT] = shot.read_bytes()
                 print(f"made {name} ({len(graph['nodes'])} nodes)")
-            shutil.rmtree(shot.parent, ignore_errors=True)
             if page.errors:
                 raise RuntimeError("page errors:\n" + "\n".join(page.errors))
             page.close()
@@ -69,7 +57,7 @@ def main() -> int:
         server.cleanup()
     for path, data in made.items():
         path.write_bytes(data)
-    print(f"wrote {len(made)} files")
+    print(f"wrote {len(made)} files; now make their pictures: bash scripts/update_pictures.sh")
     return 0
 
 

@@ -134,6 +134,31 @@ def test_the_unet_output_depends_on_its_input_context_and_pooled_output(model):
     assert changed(out(pooled=-extra["pooled_output"]), reference)  # so does the ADM input
 
 
+def test_the_tiny_sdxl_checkpoint_loads_whole_as_sdxl(booted, caplog):
+    """The checkpoint the bundled SDXL workflows run on (CheckpointLoaderSimple's loader): detected as
+    SDXL, no text-encoder key missing (the host would leave those layers uninitialised), and both text
+    encoders give finite conditioning that depends on the text."""
+    import logging
+
+    import comfy.model_base
+    import comfy.sd
+
+    with caplog.at_level(logging.WARNING):
+        model, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(str(tiny_sdxl.checkpoint_file()))
+    assert type(model.model) is comfy.model_base.SDXL
+    assert clip is not None and vae is not None
+    assert not [r.message for r in caplog.records if r.message.startswith(("clip missing", "no CLIP"))]
+    assert torch.equal(model.model.diffusion_model.input_blocks[0][0].weight.float().cpu(),
+                       tiny_sdxl.unet_state_dict()["input_blocks.0.0.weight"].float())
+    encoded = {}
+    for text in ("a photo of a person", "a painting of a cat"):
+        cond, pooled = clip.encode_from_tokens(clip.tokenize(text), return_pooled=True)
+        assert cond.shape == (1, 77, 2048) and pooled.shape == (1, 1280)
+        assert torch.isfinite(cond).all() and torch.isfinite(pooled).all()
+        encoded[text] = cond
+    assert changed(encoded["a photo of a person"], encoded["a painting of a cat"])
+
+
 # ---- positions ----
 
 # SDXL's cross-attention in diffusers' attn_processors order: down (input 4, 5: 2 deep; 7, 8: 10 deep),

@@ -2,15 +2,20 @@
 host's own frontend (headless Chromium) without missing nodes or error dialogs, converted by the
 frontend's own graph-to-prompt into exactly their API definition (tests/facestudio_testing/
 workflow_defs.py: wrong widget order or a renamed input shows here), and run by the real server
-on small models saved under the workflows' public model file names.
+on small models saved under the workflows' public model file names: for SD1.5 the tiny SD1.5
+checkpoint, for SDXL the tiny SDXL checkpoint (facestudio_testing/tiny_sdxl.py: SDXL's 70
+cross-attention positions, full-size text encoders) with an SDXL FaceID Plus v2 file made for it.
+The only change made before running is workflow_defs.TEST_OVERRIDES (a 64x64 latent, 2 steps), for
+speed on CPU; the frontend comparison is on the stored definition, unchanged.
 
-The only change made before running is workflow_defs.TEST_OVERRIDES (a 64x64 latent, 2 steps),
-for speed on CPU; the frontend comparison is on the stored definition, unchanged.
+The frontend test saves a screenshot of each loaded workflow as <name>.jpg in $FACESTUDIO_SCREENSHOTS
+(default: a temporary folder); scripts/update_pictures.sh copies them to workflows/ and docs/.
 """
 from __future__ import annotations
 
 import io
 import json
+import os
 import urllib.parse
 from pathlib import Path
 
@@ -21,7 +26,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from facestudio_testing import adapter_files as af
-from facestudio_testing import clip_models, frontend, tiny_controlnet, tiny_models
+from facestudio_testing import clip_models, frontend, tiny_controlnet, tiny_models, tiny_sdxl
 from facestudio_testing import face_models as fm
 from facestudio_testing import workflow_defs as wd
 from facestudio_testing.bootstrap import PACK_LINK_NAME, PACK_ROOT
@@ -31,6 +36,13 @@ pytestmark = pytest.mark.filterwarnings("ignore:.*estimate.*deprecated:FutureWar
 
 WORKFLOWS_DIR = PACK_ROOT / "workflows"
 NAMES = sorted(wd.WORKFLOWS)
+SD15_NAMES = [n for n in NAMES if wd.WORKFLOWS[n].base == "SD1.5"]
+SDXL_NAMES = [n for n in NAMES if wd.WORKFLOWS[n].base == "SDXL"]
+# Where the frontend test saves each workflow's screenshot (scripts/update_pictures.sh sets it).
+SCREENSHOTS_ENV = "FACESTUDIO_SCREENSHOTS"
+# The public model names of each base: (checkpoint, FaceID / style adapters).
+PUBLIC_NAMES = {"SD1.5": (wd.CHECKPOINT, (wd.FACEID_PLUS_V2, wd.STYLE_ADAPTER)),
+                "SDXL": (wd.SDXL_CHECKPOINT, (wd.FACEID_PLUS_V2_SDXL,))}
 # The test CLIP vision model is ViT-L (1024 hidden, 768 projected), not ViT-H: the adapters saved
 # under the ViT-H adapters' names are made with the widths it gives.
 VITL_HIDDEN, VITL_EMBEDS = 1024, 768
@@ -38,7 +50,8 @@ VITL_HIDDEN, VITL_EMBEDS = 1024, 768
 
 def test_every_defined_workflow_is_stored_with_a_thumbnail_and_nothing_else():
     stored = sorted(p.stem for p in WORKFLOWS_DIR.glob("*.json"))
-    assert stored == NAMES, "workflows/ differs from workflow_defs.WORKFLOWS: run scripts/make_workflows.py"
+    assert stored == NAMES, ("workflows/ differs from workflow_defs.WORKFLOWS: run scripts/make_workflows.py, "
+                             "then scripts/update_pictures.sh")
     for name in NAMES:
         thumbnail = WORKFLOWS_DIR / f"{name}.jpg"
         assert thumbnail.is_file(), f"{thumbnail.name} missing"
@@ -52,10 +65,24 @@ def test_definition_uses_public_model_names_and_has_every_node_in_a_group(name):
     workflow = wd.WORKFLOWS[name]
     workflow.layout()  # raises for a node in no group
     widgets = {(n["class_type"], k): v for n in workflow.prompt.values() for k, v in n["inputs"].items()}
-    assert widgets[("CheckpointLoaderSimple", "ckpt_name")] == wd.CHECKPOINT
-    assert widgets[("FaceStudioAdapterLoader", "adapter_name")] in (wd.FACEID_PLUS_V2, wd.STYLE_ADAPTER)
+    checkpoint, adapters = PUBLIC_NAMES[workflow.base]
+    assert widgets[("CheckpointLoaderSimple", "ckpt_name")] == checkpoint
+    assert all(n["inputs"]["adapter_name"] in adapters for n in workflow.prompt.values()
+               if n["class_type"] == "FaceStudioAdapterLoader")
     assert widgets[("FaceStudioFaceAnalyzerLoader", "pack")] == wd.FACE_PACK
     assert all(g.note.strip() for g in workflow.groups)
+    if workflow.base == "SDXL":  # SDXL's sizes: about one megapixel, multiples of 64
+        width, height = widgets[("EmptyLatentImage", "width")], widgets[("EmptyLatentImage", "height")]
+        assert width % 64 == 0 and height % 64 == 0 and 0.9 <= width * height / 1024**2 <= 1.1, (width, height)
+
+
+def test_sd15_and_sdxl_workflows_are_both_there():
+    """Each use on SD1.5, and on SDXL the one-person and the two-people-in-regions workflows."""
+    assert len(SD15_NAMES) == 8
+    assert [n.split("_", 2)[2] for n in SDXL_NAMES] == ["one_person_from_one_photo", "two_people_in_regions"]
+    two = wd.WORKFLOWS[SDXL_NAMES[1]].prompt.values()
+    assert sum(n["class_type"] == "FaceStudioPerson" for n in two) == 2
+    assert sum(n["class_type"] == "ConditioningSetMask" for n in two) == 2  # a prompt per person
 
 
 def test_the_server_lists_and_serves_the_workflows_as_templates(comfy_server):
@@ -102,8 +129,17 @@ def page(comfy_server):
         ui.close()
 
 
+@pytest.fixture(scope="module")
+def screenshots(tmp_path_factory) -> Path:
+    """$FACESTUDIO_SCREENSHOTS, or a temporary folder."""
+    folder = os.environ.get(SCREENSHOTS_ENV)
+    path = Path(folder) if folder else tmp_path_factory.mktemp("screenshots")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
 @pytest.mark.parametrize("name", NAMES)
-def test_loads_in_the_frontend_and_converts_to_its_definition(page, comfy_server, name, tmp_path):
+def test_loads_in_the_frontend_and_converts_to_its_definition(page, comfy_server, name, screenshots):
     template = json.loads(comfy_server.request(f"/api/workflow_templates/{PACK_LINK_NAME}/{name}.json"))
     page.errors.clear()
     page.load_workflow(template, f"{name}.json")
@@ -122,7 +158,8 @@ def test_loads_in_the_frontend_and_converts_to_its_definition(page, comfy_server
     assert not problems, f"{name}: the frontend's prompt differs from the definition:\n" + "\n".join(problems)
 
     page.fit_view()
-    shot = tmp_path / f"{name}.jpg"
+    shot = screenshots / f"{name}.jpg"
+    shot.unlink(missing_ok=True)
     page.screenshot(shot)
     with Image.open(shot) as image:
         assert np.asarray(image.convert("L")).std() > 10, "the loaded workflow's screenshot is blank"
@@ -149,6 +186,14 @@ def installed(comfy_server, tiny_sd15_file):
     # The release's .pth is a pickled state dict: the tiny ControlNet's tensors saved that way.
     torch.save(load_file(str(tiny_controlnet.controlnet_file())), models / "controlnet" / wd.CONTROLNET_POSE)
     save_file(af.lora_like_state_dict(seed=4), str(models / "loras" / wd.STYLE_LORA))
+    # SDXL: the tiny SDXL checkpoint (its UNet has SDXL's 70 cross-attention positions, 320 wide; full
+    # text encoders) and FaceID Plus v2 for it, its LoRA in the file. The resampler keeps the 2048
+    # width v2's shortcut needs and reads the test CLIP vision's ViT-L width.
+    tiny_models.link_model(tiny_sdxl.checkpoint_file(), models, "checkpoints", wd.SDXL_CHECKPOINT)
+    af.write_adapter(models / "ipadapter" / wd.FACEID_PLUS_V2_SDXL,
+                     af.adapter_state_dict("faceid-plus", af.SDXL, seed=5, layer_widths=tiny_sdxl.WIDTHS,
+                                           resampler_dim=tiny_sdxl.CONTEXT, clip_hidden=VITL_HIDDEN,
+                                           resampler_depth=1, resampler_heads=1, ff_mult=1))
     hint = np.zeros((512, 512, 3), np.uint8)
     hint[128:384, 208:304] = 255
     noise = (np.random.default_rng(0).random((96, 80, 3)) * 255).astype(np.uint8)
@@ -181,6 +226,7 @@ def test_runs_in_the_server_on_tiny_models(installed, name):
     for node in prompt.values():
         if node["class_type"] == "KSampler":
             node["inputs"]["seed"] = int.from_bytes(name.encode()[:4], "little")
+    # On SDXL, FaceStudio Apply refuses the SDXL adapter unless the checkpoint loads as SDXL (context 2048).
     entry = installed.run(prompt, timeout=600)
     assert execution_error(entry) is None, f"{name}: {execution_error(entry)}"
     save = workflow.graph["save"]

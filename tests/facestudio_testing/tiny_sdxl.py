@@ -14,6 +14,11 @@ projections in the transformers. channel_mult is free: [1, 1, 1] keeps every blo
 - Adapters for it (`adapter_state_dict`): the real SDXL image projections (widths as released, the
   FaceID Plus resampler slimmed), with `ip_adapter` layers 320 wide at its 70 positions. The 70
   layer pairs are 92M parameters, so tests share one set (`shared_layers`) across kinds.
+- A whole checkpoint (`checkpoint_file`), for graphs that load SDXL with CheckpointLoaderSimple (the
+  bundled SDXL workflows): the same UNet, SDXL's two text encoders at full size (CLIP-L 123M and
+  bigG 695M parameters: the host builds them from fixed configs) and a TAESD VAE with the host's
+  taesdxl scaling, in the SDXL checkpoint key layout. Matrices float8_e4m3fn, vectors fp16: about
+  1.1 GiB; about 8 s to generate on 2 CPU cores, cached like the UNet file.
 - Conditioning: SDXL's BaseModel needs `pooled_output` [B, 1280] with the [B, tokens, 2048] context
   (its encode_adm adds the size conditioning from defaults). `conditioning` builds it in memory, and
   `RandomSDXLConditioning` is a test-only node that outputs it, so graphs need no SDXL text
@@ -123,6 +128,63 @@ def load_unet(seed: int = DEFAULT_SEED):
     import comfy.sd
 
     return comfy.sd.load_diffusion_model(str(unet_file(seed)))
+
+
+# --- a whole checkpoint: UNet, CLIP-L + bigG text encoders, TAESD -----------------------------------
+CLIP_L_PREFIX = "conditioner.embedders.0.transformer.text_model."
+CLIP_G_PREFIX = "conditioner.embedders.1.model.transformer."  # -> clip_g.transformer. (HF layout)
+# What the host's VAELoader sets for taesdxl (nodes.VAELoader.load_taesd).
+TAESD_SCALARS = {"vae_scale": 0.13025, "vae_shift": 0.0}
+
+
+def _clip_g_module():
+    import comfy.sd1_clip
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    config = json.loads(Path(comfy.sd1_clip.__file__).with_name("clip_config_bigg.json").read_text())
+    with torch.device("meta"):
+        return CLIPTextModelWithProjection(CLIPTextConfig(**config))
+
+
+def _stored(key: str, kind: str, shape: torch.Size, seed: int) -> torch.Tensor:
+    if kind == "scalar":  # TAESD's vae_scale / vae_shift
+        return torch.full(shape, TAESD_SCALARS[key.rsplit(".", 1)[-1]], dtype=VECTOR_DTYPE)
+    return tiny_models._fill(key, kind, shape, seed).to(MATRIX_DTYPE if len(shape) >= 2 else VECTOR_DTYPE)
+
+
+def checkpoint_state_dict(seed: int = DEFAULT_SEED) -> dict[str, torch.Tensor]:
+    """An SDXL checkpoint's tensors: the tiny UNet (the same values as `unet_file`), full-size CLIP-L and
+    bigG (seeded per key; norm weights 1), TAESD."""
+    out = {tiny_models.UNET_PREFIX + key: value for key, value in unet_state_dict(seed).items()}
+    for key, (kind, shape, _) in tiny_models.layout((tiny_models.CLIP_PREFIX,)).items():
+        key = CLIP_L_PREFIX + key.removeprefix(tiny_models.CLIP_PREFIX)
+        out[key] = _stored(key, kind, shape, seed)
+    for key, (kind, shape) in tiny_models._kinds(_clip_g_module()).items():
+        # transformers 5 dropped the `text_model.` level that checkpoints keep.
+        key = CLIP_G_PREFIX + (key if key.startswith(("text_model.", "text_projection")) else "text_model." + key)
+        out[key] = _stored(key, kind, shape, seed)
+    for key, (kind, shape, _) in tiny_models.layout((tiny_models.VAE_PREFIX,)).items():
+        out[key] = _stored(key, kind, shape, seed)
+    return out
+
+
+def _checkpoint_spec(seed: int) -> dict:
+    return {**_spec(seed), "checkpoint": [CLIP_L_PREFIX, CLIP_G_PREFIX, "clip_config_bigg.json", TAESD_SCALARS]}
+
+
+def checkpoint_file(seed: int = DEFAULT_SEED) -> Path:
+    """The cached SDXL checkpoint for `seed`, generated on first use, written atomically."""
+    spec = _checkpoint_spec(seed)
+    digest = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+    path = tiny_models.cache_dir() / f"tiny_sdxl_checkpoint-v{GENERATOR_VERSION}-seed{seed}-{digest}.safetensors"
+    if path.is_file():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tiny_models._locked(path):
+        if not path.is_file():
+            tiny_models.save_atomically(checkpoint_state_dict(seed), path,
+                                        {"facestudio_tiny_sdxl_checkpoint": json.dumps(spec, sort_keys=True)})
+    return path
 
 
 # --- adapters for it ---------------------------------------------------------------------------------

@@ -4,12 +4,15 @@ Each definition is the prompt POST /prompt takes (node ids, class types, every w
 what the UI-format file adds on top: node titles, groups (a title, a colour and the named nodes they
 frame, laid out as columns left to right) and one note per group saying what that step does.
 `scripts/make_workflows.py` loads each prompt in the host's own frontend (app.loadApiJson), places
-the nodes, groups and notes, and saves the frontend's serialization (app.graph.serialize()) and a
-screenshot; so the UI files' widget order is the frontend's by construction.
+the nodes, groups and notes, and saves the frontend's serialization (app.graph.serialize()); so the
+UI files' widget order is the frontend's by construction.
 `tests/test_workflows.py` checks that the frontend's own graph-to-prompt conversion of each stored
-file equals `Workflow.prompt`, then runs that prompt on small models saved under the file names below.
+file equals `Workflow.prompt` (saving a screenshot of each: the thumbnails, see
+scripts/update_pictures.sh), then runs that prompt on small models saved under the file names below.
 
 Model file names are the public releases' names, so a user who has them runs a workflow unchanged.
+Most workflows are on SD1.5; the one-person and the two-people (regions) workflows also come on SDXL
+(`base="SDXL"`, at SDXL's sizes), with the SDXL releases' file names.
 """
 from __future__ import annotations
 
@@ -25,6 +28,9 @@ CLIP_VISION = "CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors"
 FACE_PACK = "buffalo_l"
 CONTROLNET_POSE = "control_v11p_sd15_openpose.pth"
 STYLE_LORA = "add_detail.safetensors"  # any SD1.5 LoRA: this popular one is an example
+SDXL_CHECKPOINT = "sd_xl_base_1.0.safetensors"
+FACEID_PLUS_V2_SDXL = "ip-adapter-faceid-plusv2_sdxl.bin"
+FACEID_PLUS_V2_SDXL_LORA = "ip-adapter-faceid-plusv2_sdxl_lora.safetensors"  # found by Apply in models/loras
 # Pictures the workflows load from ComfyUI's input folder (the user picks their own).
 PHOTO, PHOTO_2, PHOTO_3 = "person.png", "person_2.png", "person_3.png"
 OTHER_PHOTO = "other_person.png"
@@ -61,6 +67,7 @@ class Workflow:
     graph: Graph
     groups: list[Group] = field(default_factory=list)
     titles: dict[str, str] = field(default_factory=dict)  # named node -> title shown
+    base: str = "SD1.5"  # "SD1.5" or "SDXL": the checkpoint and adapters it is made for
 
     @property
     def prompt(self) -> dict:
@@ -84,9 +91,9 @@ class Workflow:
 # --- building blocks ----------------------------------------------------------------------------
 def _base(positive: str, negative: str = "blurry, lowres, deformed, watermark", width: int = 512,
           height: int = 512, seed: int = 42, steps: int = 30, cfg: float = 6.0, denoise: float = 1.0,
-          prefix: str = "FaceStudio") -> Graph:
+          prefix: str = "FaceStudio", checkpoint: str = CHECKPOINT) -> Graph:
     g = Graph()
-    g.add("CheckpointLoaderSimple", {"ckpt_name": CHECKPOINT}, "checkpoint")
+    g.add("CheckpointLoaderSimple", {"ckpt_name": checkpoint}, "checkpoint")
     g.add("CLIPTextEncode", {"text": positive, "clip": g.link("checkpoint", 1)}, "positive")
     g.add("CLIPTextEncode", {"text": negative, "clip": g.link("checkpoint", 1)}, "negative")
     g.add("EmptyLatentImage", {"width": width, "height": height, "batch_size": 1}, "latent")
@@ -107,15 +114,15 @@ def _clip_vision(g: Graph) -> None:
     g.add("CLIPVisionLoader", {"clip_name": CLIP_VISION}, "clip_vision")
 
 
-def _faceid(g: Graph) -> None:
-    g.add("FaceStudioAdapterLoader", {"adapter_name": FACEID_PLUS_V2, "kind": "auto"}, "adapter")
+def _faceid(g: Graph, adapter: str = FACEID_PLUS_V2) -> None:
+    g.add("FaceStudioAdapterLoader", {"adapter_name": adapter, "kind": "auto"}, "adapter")
 
 
-def _face_models(g: Graph) -> None:
+def _face_models(g: Graph, adapter: str = FACEID_PLUS_V2) -> None:
     """The face analyzer, the CLIP vision model and the FaceID Plus v2 adapter, in that order."""
     _analyzer(g)
     _clip_vision(g)
-    _faceid(g)
+    _faceid(g, adapter)
 
 
 def _encode(g: Graph, name: str, image: list, face: str = "largest", index: int = 0) -> list:
@@ -178,22 +185,46 @@ MODELS_NOTE = ("Models. Checkpoint: any SD1.5 model in models/checkpoints. FaceI
                f"models/loras). CLIP vision ViT-H ({CLIP_VISION}) in models/clip_vision. Face "
                f"analyzer: the insightface pack '{FACE_PACK}' (a folder of .onnx files) in "
                "models/insightface/models.")
+SDXL_MODELS_NOTE = ("Models. Checkpoint: any SDXL model in models/checkpoints (here the base model, "
+                    f"{SDXL_CHECKPOINT}). FaceID Plus v2 for SDXL ({FACEID_PLUS_V2_SDXL}) in models/ipadapter; its "
+                    "LoRA is applied by FaceStudio Apply's lora_strength (from the file, or "
+                    f"{FACEID_PLUS_V2_SDXL_LORA} in models/loras). CLIP vision ViT-H ({CLIP_VISION}, the same "
+                    f"as for SD1.5) in models/clip_vision. Face analyzer: the insightface pack '{FACE_PACK}' in "
+                    "models/insightface/models.")
 SAMPLE_NOTE = ("Sampling. The prompt describes the scene; the face comes from the identity. cfg 4-7 and "
                "30 steps are good starting points. lora_strength 0.5-0.7 and weight 0.8-1.2 trade "
                "likeness against prompt freedom.")
+SDXL_SAMPLE_NOTE = ("Sampling. SDXL works at about one megapixel: 1024x1024, 1216x832, 832x1216, 1152x896. "
+                    "cfg 4-7 and 30 steps are good starting points; lora_strength 0.5-0.7 and weight 0.8-1.2 "
+                    "trade likeness against prompt freedom.")
+def _on_base(base: str) -> tuple[str, dict[str, str]]:
+    """Words for the overview note and node titles that name the base, where it is not SD1.5."""
+    if base == "SD1.5":
+        return "", {}
+    return f" on {base}", {"adapter": f"FaceID adapter (FaceID Plus v2 {base})"}
 
 
-def one_person() -> Workflow:
-    g = _base("a photo of a person in a leather jacket on a city street at night, neon lights, 35mm")
-    _face_models(g)
+BASES = {  # base -> (checkpoint, FaceID adapter, models note, sampling note, name prefix, title prefix)
+    "SD1.5": (CHECKPOINT, FACEID_PLUS_V2, MODELS_NOTE, SAMPLE_NOTE, "", ""),
+    "SDXL": (SDXL_CHECKPOINT, FACEID_PLUS_V2_SDXL, SDXL_MODELS_NOTE, SDXL_SAMPLE_NOTE, "sdxl_", "SDXL: "),
+}
+
+
+def one_person(number: int = 1, base: str = "SD1.5") -> Workflow:
+    checkpoint, adapter, models_note, sample_note, prefix, title = BASES[base]
+    on, titles = _on_base(base)
+    size = {"width": 1024, "height": 1024, "cfg": 5.0} if base == "SDXL" else {}
+    g = _base("a photo of a person in a leather jacket on a city street at night, neon lights, 35mm",
+              checkpoint=checkpoint, **size)
+    _face_models(g, adapter)
     _photo_identity(g, "identity", PHOTO)
     _apply(g, _person(g, "person", g.link("identity")))
     return Workflow(
-        "01_one_person_from_one_photo", "One person from one photo",
-        "One person from one photo, with IP-Adapter FaceID Plus v2 and its LoRA (FaceStudio Apply's "
+        f"{number:02d}_{prefix}one_person_from_one_photo", f"{title}One person from one photo",
+        f"One person from one photo{on}, with IP-Adapter FaceID Plus v2 and its LoRA (FaceStudio Apply's "
         "lora_strength). Put a clear photo of one face in ComfyUI's input folder and pick it in Load Image.",
         g,
-        [Group("1. Models", COLORS["models"], ["checkpoint", "adapter", "clip_vision", "analyzer"], MODELS_NOTE),
+        [Group("1. Models", COLORS["models"], ["checkpoint", "adapter", "clip_vision", "analyzer"], models_note),
          Group("2. The person", COLORS["faces"], ["identity_photo", "identity", "person"],
                "The person. Encode Identity finds the largest face of the photo, aligns it and embeds it "
                "(ArcFace + CLIP vision of the face crop, which Plus v2 needs). Person says who (and where: "
@@ -201,8 +232,9 @@ def one_person() -> Workflow:
          Group("3. Prompt and apply", COLORS["prompt"], ["positive", "negative", "apply"],
                "FaceStudio Apply patches a clone of the model: the identity's tokens join the text in every "
                "cross-attention layer. lora_strength 0.6 applies FaceID Plus v2's own LoRA."),
-         Group("4. Sample", COLORS["sample"], ["latent", "sampler", "decode", "save"], SAMPLE_NOTE)],
-        {"identity_photo": "Photo of the person"},
+         Group("4. Sample", COLORS["sample"], ["latent", "sampler", "decode", "save"], sample_note)],
+        {"identity_photo": "Photo of the person", **titles},
+        base,
     )
 
 
@@ -242,12 +274,17 @@ def stylized_portrait() -> Workflow:
     )
 
 
-def two_people() -> Workflow:
-    g = _base("two friends standing side by side in a park, autumn, golden hour, photo", width=768, height=512)
-    _face_models(g)
+def two_people(number: int = 3, base: str = "SD1.5") -> Workflow:
+    checkpoint, adapter, models_note, sample_note, prefix, title = BASES[base]
+    on, titles = _on_base(base)
+    width, height, feather = (1216, 832, 32) if base == "SDXL" else (768, 512, 16)
+    g = _base("two friends standing side by side in a park, autumn, golden hour, photo", width=width, height=height,
+              checkpoint=checkpoint, cfg=5.0 if base == "SDXL" else 6.0)
+    _face_models(g, adapter)
     g.add("LoadImage", {"image": LAYOUT}, "layout")
     g.add("FaceStudioRegions", {"mode": "grow", "count": 2, "image": g.link("layout"),
-                                "face_analyzer": g.link("analyzer"), "width": 768, "height": 512, "feather": 16,
+                                "face_analyzer": g.link("analyzer"), "width": width, "height": height,
+                                "feather": feather,
                                 "feather_shape": "gaussian", "grow_width": 3.0, "grow_up": 0.5, "grow_down": 3.0,
                                 "size_weighted": False, "grid_columns": 0}, "regions")
     first = _photo_identity(g, "identity0", PHOTO)
@@ -258,13 +295,13 @@ def two_people() -> Workflow:
     _regional_prompts(g, g.link("regions"), ("a woman with long red hair, green coat",
                                              "a man with a beard, blue denim jacket"))
     return Workflow(
-        "03_two_people_in_regions", "Two people, each in their own region",
-        "Two people in one image, each bound to a region: FaceStudio's multi-identity attention, where the "
+        f"{number:02d}_{prefix}two_people_in_regions", f"{title}Two people, each in their own region",
+        f"Two people in one image{on}, each bound to a region: FaceStudio's multi-identity attention, where the "
         "image inside person i's region attends only to person i's identity. The regions come from the faces "
         "of a layout photo (two people, left to right); each person also gets their own prompt in their "
         "region.",
         g,
-        [Group("1. Models", COLORS["models"], ["checkpoint", "adapter", "clip_vision", "analyzer"], MODELS_NOTE),
+        [Group("1. Models", COLORS["models"], ["checkpoint", "adapter", "clip_vision", "analyzer"], models_note),
          Group("2. Regions", COLORS["check"], ["layout", "regions"],
                "FaceStudio Regions: one mask per person from the layout photo's faces, numbered left to "
                "right (mask 0 = left). 'grow' grows each face box to head and upper body; 'partition' gives "
@@ -282,9 +319,11 @@ def two_people() -> Workflow:
                "ImageToMask."),
          Group("5. Apply and sample", COLORS["sample"], ["apply", "latent", "sampler", "decode", "save"],
                "FaceStudio Apply routes each person's identity to their region, in one attention pass. "
-               + SAMPLE_NOTE)],
+               + sample_note)],
         {"identity0_photo": "Photo of person 0 (left)", "identity1_photo": "Photo of person 1 (right)",
-         "layout": "Layout photo (two people)", "prompt0": "Prompt of person 0", "prompt1": "Prompt of person 1"},
+         "layout": "Layout photo (two people)", "prompt0": "Prompt of person 0", "prompt1": "Prompt of person 1",
+         **titles},
+        base,
     )
 
 
@@ -445,7 +484,8 @@ def scoring() -> Workflow:
 
 
 WORKFLOWS = {w.name: w for w in (one_person(), stylized_portrait(), two_people(), multi_shot(), identity_mix(),
-                                 controlnet_lora(), image_to_image(), scoring())}
+                                 controlnet_lora(), image_to_image(), scoring(),
+                                 one_person(9, "SDXL"), two_people(10, "SDXL"))}
 
 def api_view(prompt: dict) -> dict:
     """class_type and inputs of each node (the frontend adds `_meta` titles)."""
