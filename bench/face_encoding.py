@@ -20,7 +20,8 @@ Baselines, measured in the same run on the same photos:
 The pack: encoders/faces.detect_and_embed (every face, left to right), and encoders/identity.encode_identity
 (one face, as FaceStudio Encode Identity runs it) without a cache, then with a fresh FaceCache (first run)
 and again with that cache filled (cached re-run: the photo is hashed, nothing is detected).
-Each figure is a median over interleaved rounds (load from other processes falls on all alike).
+Each figure is a median over interleaved rounds (load from other processes falls on all alike); the
+FaceAnalysis baselines get rounds of their own, after the others (their threads busy-wait between runs).
 
 Targets (printed, met or missed): encoding within 10% of the raw sessions per photo; cached re-run < 5 ms.
 """
@@ -216,9 +217,13 @@ def main() -> None:
             "pack encode_identity, no cache": lambda: identity.encode_identity(ours, batch, cache=None),
             "pack encode_identity, first run (empty cache)": first_run,
             "pack encode_identity, cached re-run": cached_rerun,
+        }, rounds=rounds)
+        # In rounds of their own: FaceAnalysis's sessions busy-wait after each run (onnxruntime's
+        # default), which on 2 cores slowed whatever came next by up to 2x when interleaved.
+        t.update(C.medians({
             "FaceAnalysis det+rec": lambda: detrec.get(bgr),
             "FaceAnalysis, default modules": lambda: everything.get(bgr),
-        }, rounds=rounds)
+        }, rounds=rounds))
         every, one = t["raw sessions, every face"], t["raw sessions, largest face"]
         fa = t["FaceAnalysis, default modules"]
         rows = []
