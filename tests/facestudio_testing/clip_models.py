@@ -85,13 +85,7 @@ def vitl_clip_vision_file(seed: int = 0) -> Path:
     spec = json.dumps({"version": VITL_GENERATOR_VERSION, "seed": seed, "config": _vitl_config()}, sort_keys=True)
     digest = hashlib.sha256(spec.encode()).hexdigest()[:16]
     path = tiny_models.cache_dir() / f"clip_vision_vitl-v{VITL_GENERATOR_VERSION}-seed{seed}-{digest}.safetensors"
-    if path.is_file():
-        return path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tiny_models._locked(path):
-        if not path.is_file():
-            tiny_models.save_atomically(vitl_state_dict(seed), path, {"facestudio_test_clip_vision": spec})
-    return path
+    return tiny_models.cached_file(path, lambda: vitl_state_dict(seed), {"facestudio_test_clip_vision": spec})
 
 
 def install_vitl(models_dir: str | os.PathLike, name: str = VITL_NAME, seed: int = 0) -> str:

@@ -38,11 +38,7 @@ def controlnet_file(seed: int = 0) -> Path:
     spec = {"generator": GENERATOR_VERSION, "seed": seed, "config": _config(), "dtype": str(DTYPE)}
     digest = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
     path = tiny_models.cache_dir() / f"tiny_controlnet_sd15-v{GENERATOR_VERSION}-seed{seed}-{digest}.safetensors"
-    if not path.is_file():
-        with tiny_models._locked(path):
-            if not path.is_file():
-                tiny_models.save_atomically(state_dict(seed), path, {"facestudio_tiny_controlnet": json.dumps(spec)})
-    return path
+    return tiny_models.cached_file(path, lambda: state_dict(seed), {"facestudio_tiny_controlnet": json.dumps(spec)})
 
 
 def install_controlnet(models_dir: str | os.PathLike, name: str = NAME, seed: int = 0) -> str:

@@ -29,6 +29,7 @@ import os
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -221,22 +222,20 @@ def save_atomically(tensors: dict, path: Path, metadata: dict[str, str]) -> None
             os.unlink(tmp)
 
 
-def write_checkpoint(path: Path, seed: int = DEFAULT_SEED) -> Path:
-    """Writes the checkpoint to `path` atomically."""
-    save_atomically(state_dict(seed), path, {"facestudio_tiny_sd15": json.dumps(_spec(seed), sort_keys=True)})
+def cached_file(path: Path, make: Callable[[], dict], metadata: dict[str, str]) -> Path:
+    """`path`, written atomically from `make()` unless it is there already; one process generates it."""
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with _locked(path):
+            if not path.is_file():  # another process may have written it while we waited
+                save_atomically(make(), path, metadata)
     return path
 
 
 def tiny_sd15_checkpoint(seed: int = DEFAULT_SEED) -> Path:
     """The cached checkpoint for `seed`, generated on first use."""
     path = cache_dir() / f"tiny_sd15-v{GENERATOR_VERSION}-seed{seed}-{spec_hash(seed)}.safetensors"
-    if path.is_file():
-        return path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with _locked(path):
-        if not path.is_file():  # another process may have written it while we waited
-            write_checkpoint(path, seed)
-    return path
+    return cached_file(path, lambda: state_dict(seed), {"facestudio_tiny_sd15": json.dumps(_spec(seed), sort_keys=True)})
 
 
 def link_model(target: Path, models_dir: str | os.PathLike, folder: str, name: str) -> str:

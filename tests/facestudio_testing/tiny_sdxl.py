@@ -104,14 +104,8 @@ def unet_state_dict(seed: int = DEFAULT_SEED) -> dict[str, torch.Tensor]:
 def unet_file(seed: int = DEFAULT_SEED) -> Path:
     """The cached UNet file for `seed`, generated on first use (a few seconds), written atomically."""
     path = tiny_models.cache_dir() / f"tiny_sdxl_unet-v{GENERATOR_VERSION}-seed{seed}-{spec_hash(seed)}.safetensors"
-    if path.is_file():
-        return path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tiny_models._locked(path):
-        if not path.is_file():
-            tiny_models.save_atomically(unet_state_dict(seed), path,
-                                        {"facestudio_tiny_sdxl": json.dumps(_spec(seed), sort_keys=True)})
-    return path
+    return tiny_models.cached_file(path, lambda: unet_state_dict(seed),
+                                   {"facestudio_tiny_sdxl": json.dumps(_spec(seed), sort_keys=True)})
 
 
 def install_unet(models_dir: str | os.PathLike, name: str = UNET_NAME, seed: int = DEFAULT_SEED) -> str:
@@ -177,14 +171,8 @@ def checkpoint_file(seed: int = DEFAULT_SEED) -> Path:
     spec = _checkpoint_spec(seed)
     digest = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
     path = tiny_models.cache_dir() / f"tiny_sdxl_checkpoint-v{GENERATOR_VERSION}-seed{seed}-{digest}.safetensors"
-    if path.is_file():
-        return path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tiny_models._locked(path):
-        if not path.is_file():
-            tiny_models.save_atomically(checkpoint_state_dict(seed), path,
-                                        {"facestudio_tiny_sdxl_checkpoint": json.dumps(spec, sort_keys=True)})
-    return path
+    return tiny_models.cached_file(path, lambda: checkpoint_state_dict(seed),
+                                   {"facestudio_tiny_sdxl_checkpoint": json.dumps(spec, sort_keys=True)})
 
 
 # --- adapters for it ---------------------------------------------------------------------------------
