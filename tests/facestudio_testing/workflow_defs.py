@@ -197,6 +197,8 @@ SAMPLE_NOTE = ("Sampling. The prompt describes the scene; the face comes from th
 SDXL_SAMPLE_NOTE = ("Sampling. SDXL works at about one megapixel: 1024x1024, 1216x832, 832x1216, 1152x896. "
                     "cfg 4-7 and 30 steps are good starting points; lora_strength 0.5-0.7 and weight 0.8-1.2 "
                     "trade likeness against prompt freedom.")
+
+
 def _on_base(base: str) -> tuple[str, dict[str, str]]:
     """Words for the overview note and node titles that name the base, where it is not SD1.5."""
     if base == "SD1.5":
