@@ -17,7 +17,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .faces import FaceAnalyzer, FaceError, detect_faces, to_bgr_uint8
+from .faces import FaceAnalyzer, FaceError, detect_faces, images_list, to_bgr_uint8
 from .faces import to_rgb_uint8 as _rgb_uint8
 
 # Distinct colours (RGB), after Sasha Trubetskoy's list; cycled beyond twelve persons.
@@ -143,16 +143,6 @@ def _numpy(image) -> np.ndarray:
     if hasattr(image, "detach"):  # a torch tensor, without importing torch here
         image = image.detach().cpu().float().numpy()
     return np.asarray(image)
-
-
-def images_list(images) -> list:
-    """Single images [H, W, C] from a [B, H, W, C] batch, one image, or a list of them."""
-    if isinstance(images, (list, tuple)):
-        return list(images)
-    shape = getattr(images, "shape", None)
-    if shape is not None and len(shape) == 4:
-        return [images[i] for i in range(shape[0])]
-    return [images]
 
 
 def to_rgb_uint8(image) -> np.ndarray:

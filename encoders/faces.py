@@ -411,6 +411,16 @@ def _embedding_dim(recognizer) -> int:
 # ------------------------------------------------------------------------------------------------
 # Photos
 # ------------------------------------------------------------------------------------------------
+def images_list(images) -> list:
+    """Single photos [H, W, C] from a [B, H, W, C] batch, one photo, or a list/tuple of them."""
+    if isinstance(images, (list, tuple)):
+        return list(images)
+    shape = getattr(images, "shape", None)
+    if shape is not None and len(shape) == 4:
+        return [images[i] for i in range(shape[0])]
+    return [images]
+
+
 def to_bgr_uint8(image) -> np.ndarray:
     """A photo as cv2.imread gives it: BGR uint8 [H, W, 3], C-contiguous. See `to_rgb_uint8`."""
     return np.ascontiguousarray(to_rgb_uint8(image)[:, :, ::-1])

@@ -55,6 +55,7 @@ from .faces import (
     FaceNotFound,
     RecognizerIdentity,
     detect_and_embed,
+    images_list,
     to_rgb_uint8,
     too_small_message,
 )
@@ -324,16 +325,6 @@ def cached_detect_and_embed(analyzer: FaceAnalyzer, image, *, image_index: int =
 # ------------------------------------------------------------------------------------------------
 # Encoding
 # ------------------------------------------------------------------------------------------------
-def _images_list(images) -> list:
-    """A list of single photos from a list/tuple of arrays or tensors, or a [B, H, W, C] batch."""
-    if isinstance(images, (list, tuple)):
-        return list(images)
-    shape = getattr(images, "shape", None)
-    if shape is not None and len(shape) == 4:
-        return [images[i] for i in range(shape[0])]
-    return [images]
-
-
 def encode_identity(
     analyzer: FaceAnalyzer,
     images,
@@ -364,7 +355,7 @@ def encode_identity(
         raise IdentityError(f"on_missing must be one of {', '.join(ON_MISSING)}, not {on_missing!r}")
     if not math.isfinite(outlier_threshold) or not -1.0 <= outlier_threshold <= 1.0:
         raise IdentityError(f"outlier_threshold is a cosine, between -1 and 1, not {outlier_threshold}")
-    photos = _images_list(images)
+    photos = images_list(images)
     if not photos:
         raise IdentityError("no photos given")
     if base is not None and base.recognizer != analyzer.recognizer_id:

@@ -38,6 +38,7 @@ from .faces import (
     FaceNotFound,
     RecognizerIdentity,
     detect_and_embed,
+    images_list,
     to_bgr_uint8,
 )
 
@@ -410,15 +411,6 @@ class ScoreResult:
         return json.dumps(self.to_json(), indent=2)
 
 
-def _images_list(images) -> list:
-    if isinstance(images, (list, tuple)):
-        return list(images)
-    shape = getattr(images, "shape", None)
-    if shape is not None and len(shape) == 4:
-        return [images[i] for i in range(shape[0])]
-    return [images]
-
-
 def score_images(
     analyzer: FaceAnalyzer,
     images,
@@ -433,7 +425,7 @@ def score_images(
     if not math.isfinite(threshold):
         raise ScoringError(f"threshold must be a number, not {threshold}")
     references = make_references(identities, analyzer.recognizer_id)
-    photos = _images_list(images)
+    photos = images_list(images)
     if not photos:
         raise ScoringError("no image to score: the image batch is empty")
     scored = []
