@@ -76,3 +76,26 @@ def server_with_checkpoint(comfy_server, tiny_sd15_file):
 
     tiny_models.install_checkpoint(comfy_server.models)
     return comfy_server
+
+
+# ---- faces: the pack's face module, the trained YuNet + SFace pack on the CPU, insightface's t1 ----
+@pytest.fixture(scope="session")
+def faces(booted):
+    return booted.pack_module("encoders.faces")
+
+
+@pytest.fixture(scope="session")
+def real(faces):
+    from facestudio_testing import face_models
+
+    return faces.load_face_analyzer(face_models.real_pack(), providers="cpu")
+
+
+@pytest.fixture(scope="session")
+def t1():
+    """insightface's six-person photo (RGB uint8)."""
+    from facestudio_testing import face_photos
+
+    photo = face_photos.t1()
+    photo.setflags(write=False)  # shared by every module: a test that writes to it must copy it first
+    return photo

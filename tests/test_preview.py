@@ -17,21 +17,6 @@ def drawing(booted):
 
 
 @pytest.fixture(scope="module")
-def faces(booted):
-    return booted.pack_module("encoders.faces")
-
-
-@pytest.fixture(scope="module")
-def real(faces):
-    return faces.load_face_analyzer(fm.real_pack(), providers="cpu")
-
-
-@pytest.fixture(scope="module")
-def t1():
-    return fp.t1()
-
-
-@pytest.fixture(scope="module")
 def detected(faces, real, t1):
     bboxes, kpss, _ = faces.detect_faces(real, faces.to_bgr_uint8(t1))
     assert len(bboxes) == 6

@@ -23,21 +23,6 @@ def regions(booted):
 
 
 @pytest.fixture(scope="module")
-def faces(booted):
-    return booted.pack_module("encoders.faces")
-
-
-@pytest.fixture(scope="module")
-def real(faces):
-    return faces.load_face_analyzer(fm.real_pack(), providers="cpu")
-
-
-@pytest.fixture(scope="module")
-def t1():
-    return fp.t1()
-
-
-@pytest.fixture(scope="module")
 def left_to_right(faces, real, t1):
     """The six face boxes in Encode Identity's left-to-right order (its `index`)."""
     embedded = faces.detect_and_embed(real, t1, select="left-to-right")

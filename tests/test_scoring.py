@@ -28,28 +28,13 @@ def scoring(booted):
 
 
 @pytest.fixture(scope="module")
-def faces(booted):
-    return booted.pack_module("encoders.faces")
-
-
-@pytest.fixture(scope="module")
 def identity(booted):
     return booted.pack_module("encoders.identity")
 
 
 @pytest.fixture(scope="module")
-def real(faces):
-    return faces.load_face_analyzer(fm.real_pack(), providers="cpu")
-
-
-@pytest.fixture(scope="module")
 def tiny(faces):
     return faces.load_face_analyzer(fm.tiny_pack(), providers="cpu")
-
-
-@pytest.fixture(scope="module")
-def t1():
-    return fp.t1()
 
 
 @pytest.fixture(scope="module")
