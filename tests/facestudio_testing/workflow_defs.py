@@ -179,6 +179,22 @@ def _regional_prompts(g: Graph, masks: list, texts: tuple[str, ...]) -> None:
     g.prompt[g["sampler"]]["inputs"]["positive"] = combined
 
 
+def _two_people_in_regions(g: Graph, mode: str, image: list, width: int, height: int, feather: int,
+                           size_weighted: bool) -> None:
+    """FaceStudio Regions on `image` (two regions, faces left to right), PHOTO's person in region 0 and
+    OTHER_PHOTO's in region 1, applied to the model."""
+    g.add("FaceStudioRegions", {"mode": mode, "count": 2, "image": image,
+                                "face_analyzer": g.link("analyzer"), "width": width, "height": height,
+                                "feather": feather,
+                                "feather_shape": "gaussian", "grow_width": 3.0, "grow_up": 0.5, "grow_down": 3.0,
+                                "size_weighted": size_weighted, "grid_columns": 0}, "regions")
+    first = _photo_identity(g, "identity0", PHOTO)
+    second = _photo_identity(g, "identity1", OTHER_PHOTO)
+    persons = _person(g, "person0", first, masks=g.link("regions"), mask_index=0)
+    persons = _person(g, "person1", second, persons, masks=g.link("regions"), mask_index=1)
+    _apply(g, persons)
+
+
 MODELS_NOTE = ("Models. Checkpoint: any SD1.5 model in models/checkpoints. FaceID Plus v2 "
                f"({FACEID_PLUS_V2}) in models/ipadapter; its LoRA is applied by FaceStudio Apply's "
                "lora_strength (from the file, or ip-adapter-faceid-plusv2_sd15_lora.safetensors in "
@@ -284,16 +300,7 @@ def two_people(number: int = 3, base: str = "SD1.5") -> Workflow:
               checkpoint=checkpoint, cfg=5.0 if base == "SDXL" else 6.0)
     _face_models(g, adapter)
     g.add("LoadImage", {"image": LAYOUT}, "layout")
-    g.add("FaceStudioRegions", {"mode": "grow", "count": 2, "image": g.link("layout"),
-                                "face_analyzer": g.link("analyzer"), "width": width, "height": height,
-                                "feather": feather,
-                                "feather_shape": "gaussian", "grow_width": 3.0, "grow_up": 0.5, "grow_down": 3.0,
-                                "size_weighted": False, "grid_columns": 0}, "regions")
-    first = _photo_identity(g, "identity0", PHOTO)
-    second = _photo_identity(g, "identity1", OTHER_PHOTO)
-    persons = _person(g, "person0", first, masks=g.link("regions"), mask_index=0)
-    persons = _person(g, "person1", second, persons, masks=g.link("regions"), mask_index=1)
-    _apply(g, persons)
+    _two_people_in_regions(g, "grow", g.link("layout"), width, height, feather, size_weighted=False)
     _regional_prompts(g, g.link("regions"), ("a woman with long red hair, green coat",
                                              "a man with a beard, blue denim jacket"))
     return Workflow(
@@ -428,15 +435,7 @@ def image_to_image() -> Workflow:
     g.add("VAEEncode", {"pixels": g.link("scene_scaled"), "vae": g.link("checkpoint", 2)}, "scene_latent")
     del g.prompt[g["latent"]], g.nodes["latent"]
     g.prompt[g["sampler"]]["inputs"]["latent_image"] = g.link("scene_latent")
-    g.add("FaceStudioRegions", {"mode": "partition", "count": 2, "image": g.link("scene_scaled"),
-                                "face_analyzer": g.link("analyzer"), "width": 768, "height": 512, "feather": 16,
-                                "feather_shape": "gaussian", "grow_width": 3.0, "grow_up": 0.5, "grow_down": 3.0,
-                                "size_weighted": True, "grid_columns": 0}, "regions")
-    first = _photo_identity(g, "identity0", PHOTO)
-    second = _photo_identity(g, "identity1", OTHER_PHOTO)
-    persons = _person(g, "person0", first, masks=g.link("regions"), mask_index=0)
-    persons = _person(g, "person1", second, persons, masks=g.link("regions"), mask_index=1)
-    _apply(g, persons)
+    _two_people_in_regions(g, "partition", g.link("scene_scaled"), 768, 512, 16, size_weighted=True)
     return Workflow(
         "07_image_to_image", "Image to image: keep the scene, replace the people",
         "Image to image: the scene photo's layout (composition, poses, colours) is kept and its two people "
