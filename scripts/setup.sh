@@ -62,9 +62,12 @@ clone_pinned_host() {
         || ! git -C "$COMFYUI_DIR" diff --quiet HEAD 2>/dev/null; then
         git -C "$COMFYUI_DIR" fetch -q origin "$commit" 2>/dev/null || true
         if ! git -C "$COMFYUI_DIR" -c advice.detachedHead=false checkout -q -f "$commit" 2>/dev/null; then
-            # A mirror that lacks the HunyuanVideo tokenizer blob cannot check it out; nothing here needs it.
-            log "full checkout failed; retrying without comfy/text_encoders/llama_tokenizer/tokenizer.json"
-            git -C "$COMFYUI_DIR" sparse-checkout set --no-cone '/*' '!/comfy/text_encoders/llama_tokenizer/tokenizer.json'
+            # A mirror that lacks the large tokenizer blobs (HunyuanVideo, Qwen 3.5) cannot check them
+            # out; no image model here needs them.
+            log "full checkout failed; retrying without the large text-encoder tokenizer files"
+            git -C "$COMFYUI_DIR" sparse-checkout set --no-cone '/*' \
+                '!/comfy/text_encoders/llama_tokenizer/tokenizer.json' \
+                '!/comfy/text_encoders/qwen35_tokenizer/vocab.json'
             git -C "$COMFYUI_DIR" -c advice.detachedHead=false checkout -q -f "$commit" \
                 || { log "cannot check out ComfyUI $commit (from $HOST_PIN) in $COMFYUI_DIR"; return 1; }
         fi
@@ -90,7 +93,8 @@ setup_stamp() {
         echo "$TORCH_REQ $TORCHVISION_REQ $(has_cuda_gpu && echo cuda || echo cpu)"
         cat "$COMFYUI_DIR/requirements.txt" "$FACESTUDIO_ROOT/requirements.txt" \
             "$FACESTUDIO_ROOT/requirements-test.txt" "$FACESTUDIO_ROOT/scripts/setup.sh" \
-            "$FACESTUDIO_ROOT/scripts/torchvision_cpu_shim.py" "$FACESTUDIO_ROOT/install.py"
+            "$FACESTUDIO_ROOT/scripts/torchvision_cpu_shim.py" "$FACESTUDIO_ROOT/scripts/torchaudio_cpu_shim.py" \
+            "$FACESTUDIO_ROOT/install.py"
     } | sha256sum | cut -d' ' -f1
 }
 
@@ -115,12 +119,13 @@ setup_venv() {
     printf '%s\n%s\n' "$TORCH_REQ" "$TORCHVISION_REQ" >"$constraints"
     local pip=(pip_quiet install -q --disable-pip-version-check -c "$constraints")
     "${pip[@]}" "$TORCH_REQ"
-    # torchaudio is optional for the host (two audio node modules) and its wheels are CUDA-linked.
+    # torchaudio pins one torch release exactly: installed apart (install_torchaudio), never by -r.
     grep -v -E '^\s*torchaudio' "$COMFYUI_DIR/requirements.txt" >"$VENV/host-requirements.txt"
     "${pip[@]}" -r "$VENV/host-requirements.txt" requests
     "${pip[@]}" -r "$FACESTUDIO_ROOT/requirements.txt" -r "$FACESTUDIO_ROOT/requirements-test.txt"
     "$FACESTUDIO_PY" "$FACESTUDIO_ROOT/install.py"
     install_torchvision_shim_if_needed
+    install_torchaudio
     echo "$stamp" >"$stamp_file"
 }
 
@@ -136,6 +141,27 @@ install_torchvision_shim_if_needed() {
     cp "$FACESTUDIO_ROOT/scripts/torchvision_cpu_shim.py" "$site/facestudio_torchvision_cpu_shim.py"
     echo "import facestudio_torchvision_cpu_shim" >"$site/facestudio_torchvision_cpu_shim.pth"
     "$FACESTUDIO_PY" -c 'import torchvision' || { log "torchvision still fails to import"; return 1; }
+}
+
+# ComfyUI v0.33 imports torchaudio at start-up (comfy/sd.py, for its audio VAE and Gemma 4), so every
+# image graph needs `import torchaudio` to work. Its wheels are built for one torch release each: the
+# one matching the installed torch, else the newest (without its pinned torch, which would replace
+# ours), plus the shim when its compiled extension then cannot load (scripts/torchaudio_cpu_shim.py).
+install_torchaudio() {
+    local site torch_minor
+    site="$("$FACESTUDIO_PY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
+    rm -f "$site/facestudio_torchaudio_cpu_shim.pth" "$site/facestudio_torchaudio_cpu_shim.py"
+    "$FACESTUDIO_PY" -c 'import torchaudio' >/dev/null 2>&1 && return
+    torch_minor="$("$FACESTUDIO_PY" -c 'import torch; print(".".join(torch.__version__.split("+")[0].split(".")[:2]))')"
+    pip_quiet install -q --disable-pip-version-check --no-deps "torchaudio==$torch_minor.*" 2>/dev/null \
+        || pip_quiet install -q --disable-pip-version-check --no-deps torchaudio \
+        || { log "could not install torchaudio, which ComfyUI imports at start-up"; return 1; }
+    "$FACESTUDIO_PY" -c 'import torchaudio' >/dev/null 2>&1 && return
+    log "torchaudio's compiled extension cannot load with torch $torch_minor; installing the start-up shim"
+    cp "$FACESTUDIO_ROOT/scripts/torchaudio_cpu_shim.py" "$site/facestudio_torchaudio_cpu_shim.py"
+    echo "import facestudio_torchaudio_cpu_shim" >"$site/facestudio_torchaudio_cpu_shim.pth"
+    "$FACESTUDIO_PY" -c 'import torchaudio, torchaudio.functional, torchaudio.transforms' \
+        || { log "torchaudio still fails to import"; return 1; }
 }
 
 # --- 3. a browser for the frontend tests (tests/test_workflows.py) -------------
