@@ -287,13 +287,33 @@ def regions_node(mode: str, count: int, analyzer: str | None = None, image: str 
 
 def test_schema(comfy_host):
     import nodes
+    from comfy_api.latest import io
 
     info = nodes.NODE_CLASS_MAPPINGS["FaceStudioRegions"].GET_NODE_INFO_V1()
-    assert info["category"] == "FaceStudio/faces" and info["output"] == ["MASK", "IMAGE"] and info["output_node"]
+    assert info["category"] == "FaceStudio/faces" and info["output"] == ["MASK", "IMAGE", "STRING"]
+    assert info["output_node"]
     inputs = {**info["input"]["required"], **info["input"].get("optional", {})}
-    assert sorted(info["input"]["optional"]) == ["face_analyzer", "image"]
+    boxes = ["boxes"] if hasattr(io, "BoundingBox") else []  # the host's BOUNDING_BOX type, where it has one
+    assert sorted(info["input"]["optional"]) == sorted(["face_analyzer", "image", "segments"] + boxes)
     assert all(spec[1].get("tooltip") for spec in inputs.values())
-    assert inputs["mode"][1]["options"] == ["grow", "partition", "columns", "rows", "grid"]
+    assert inputs["mode"][1]["options"] == ["grow", "partition", "segments", "columns", "rows", "grid"]
+    # New inputs are sockets after every widget: saved workflows' widget values keep their places.
+    order = info["input_order"]["required"] + info["input_order"]["optional"]
+    assert order[-1 - len(boxes):] == ["segments"] + boxes
+    assert inputs["segments"][0] == "MASK"
+    if boxes:
+        assert inputs["boxes"][0] == "BOUNDING_BOX" and inputs["boxes"][1]["forceInput"]
+
+
+def test_schema_defines_without_the_hosts_bounding_box_type(comfy_host, monkeypatch):
+    """ComfyUI 0.3.64 and 0.3.50 have no io.BoundingBox: the node defines there, without boxes."""
+    import nodes
+    from comfy_api.latest import io
+
+    if hasattr(io, "BoundingBox"):
+        monkeypatch.delattr(io, "BoundingBox")
+    schema = nodes.NODE_CLASS_MAPPINGS["FaceStudioRegions"].define_schema()
+    assert [i.id for i in schema.inputs][-2:] == ["grid_columns", "segments"]
 
 
 @pytest.fixture(scope="module")
@@ -417,3 +437,353 @@ def test_split_regions_route_two_persons_and_per_person_prompts(comfy_host, samp
     assert torch.isfinite(latents["masked"]).all()
     assert (latents["masked"] - latents["unmasked"]).abs().max() > 1e-3
     assert (latents["masked"] - latents["swapped"]).abs().max() > 1e-3
+
+
+# ------------------------------------------------------------------------------------------------
+# From segment masks (what SAM3 Detect gives with individual_masks on) and person boxes
+# ------------------------------------------------------------------------------------------------
+# No SAM3 weights exist here: the masks are person shapes drawn around the real analyzer's faces of
+# t1, in the form SAM3 Detect gives (float 0/1 [N, H, W] at the image's size, ordered by score).
+SCORE_ORDER = [4, 1, 5, 0, 3, 2]  # the six persons in a score-like, not left-to-right, order
+NO_FACE, TWO_PEOPLE = 6, 7  # the two extra segments after them
+
+
+def silhouettes(boxes: np.ndarray, height: int, width: int) -> np.ndarray:
+    """bool [n, H, W]: for each face box a head ellipse and a body ellipse below it, less the other
+    persons' heads (who is in front hides what is behind). Neighbours' bodies overlap."""
+    ys, xs = np.mgrid[0:height, 0:width] + 0.5
+    heads, bodies = [], []
+    for x1, y1, x2, y2 in boxes[:, :4]:
+        w, h, cx, cy = x2 - x1, y2 - y1, (x1 + x2) / 2, (y1 + y2) / 2
+        heads.append(((xs - cx) / (0.75 * w)) ** 2 + ((ys - cy) / (0.8 * h)) ** 2 <= 1)
+        bodies.append(((xs - cx) / (1.4 * w)) ** 2 + ((ys - (y2 + 1.8 * h)) / (1.9 * h)) ** 2 <= 1)
+    heads = np.stack(heads)
+    return np.stack([heads[i] | (bodies[i] & ~np.delete(heads, i, axis=0).any(axis=0)) for i in range(len(boxes))])
+
+
+def in_box(boxes: np.ndarray, height: int, width: int) -> np.ndarray:
+    """bool [n, H, W]: the pixels of each face box (their centres inside it)."""
+    out = np.zeros((len(boxes), height, width), bool)
+    for i, box in enumerate(boxes):
+        out[i][interior(box)] = True
+    return out
+
+
+@pytest.fixture(scope="module")
+def t1_segments(left_to_right):
+    shapes = silhouettes(left_to_right, 886, 1280)
+    no_face = np.zeros((886, 1280), bool)
+    no_face[20:140, 600:760] = True  # background between persons 2 and 4: no face
+    batch = np.concatenate([shapes[SCORE_ORDER], no_face[None], (shapes[0] | shapes[1])[None]])
+    return shapes, batch.astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def on_segments(regions, real, t1, t1_segments):
+    return regions.segment_regions(real, fp.comfy_float(t1), 6, torch.from_numpy(t1_segments[1]))
+
+
+def test_segments_are_numbered_left_to_right_by_their_faces_as_silhouettes(regions, on_segments, t1_segments,
+                                                                        left_to_right):
+    shapes, _ = t1_segments
+    result, labels = on_segments, on_segments.labels
+    assert result.masks.shape == (6, 886, 1280) and result.masks.dtype == np.float32
+    assert set(np.unique(result.masks)) <= {0.0, 1.0} and result.masks.sum(axis=0).max() == 1.0
+    np.testing.assert_allclose(result.faces[:, :4], left_to_right, atol=1e-4)  # Encode Identity's numbering
+    assert result.origins == tuple(f"segment {SCORE_ORDER.index(i)}" + (f", part of segment {TWO_PEOPLE}" if i < 2
+                                                                        else "") for i in range(6))
+    boxes = in_box(left_to_right, 886, 1280)
+    any_box = boxes.any(axis=0)
+    for i in range(6):
+        assert np.array_equal(result.masks[i] == 1.0, labels == i)
+        assert (labels[boxes[i]] == i).all(), i  # its whole face box, and no other's
+    # One person's silhouette alone: theirs, the shape of it; nobody's silhouette: nobody's.
+    alone = (shapes.sum(axis=0) == 1) & ~any_box
+    for i in range(6):
+        assert (labels[alone & shapes[i]] == i).all(), i
+    assert (labels[(shapes.sum(axis=0) == 0) & ~any_box] == regions.BACKGROUND).all()
+    assert ((labels == regions.BACKGROUND).mean()) > 0.3  # silhouettes, not a partition of the image
+    # Where silhouettes overlap: the nearest face centre among theirs.
+    both = (shapes.sum(axis=0) >= 2) & ~any_box
+    assert both.sum() > 1000
+    ys, xs = np.nonzero(both)
+    centres = (left_to_right[:, :2] + left_to_right[:, 2:]) / 2
+    distance = (xs[:, None] + 0.5 - centres[:, 0]) ** 2 + (ys[:, None] + 0.5 - centres[:, 1]) ** 2
+    distance[~shapes[:, ys, xs].T] = np.inf
+    np.testing.assert_array_equal(labels[ys, xs], np.argmin(distance, axis=1))
+    report = result.report()
+    assert report.startswith("FaceStudio Regions (segments): 6 masks of 1280x886.\nmask 0: face 0 at x 52-171")
+    assert f"warning: segment {NO_FACE} holds no face: dropped" in report
+    assert (f"warning: segment {TWO_PEOPLE} holds the faces of persons 0 and 1: split between them by nearest face. "
+            "For one mask per person, switch SAM3 Detect's individual_masks on.") in report
+    assert len(result.notes) == 2 and len(result.unused) == 0
+
+
+def test_a_segment_of_two_people_is_split_between_them_by_nearest_face(regions, real, t1, t1_segments):
+    shapes, _ = t1_segments
+    pair = shapes[0] | shapes[1]  # e.g. SAM3 Detect with individual_masks off
+    result = regions.segment_regions(real, fp.comfy_float(t1), 2, pair[None].astype(np.float32))
+    faces = result.faces[:, :4]
+    nearest = regions.face_labels(faces, 886, 1280, "partition")  # face boxes first, then the nearer centre
+    inside = pair | in_box(faces, 886, 1280).any(axis=0)
+    np.testing.assert_array_equal(result.labels, np.where(inside, nearest, regions.BACKGROUND))
+    assert (result.labels == 0).sum() > 10000 and (result.labels == 1).sum() > 10000
+    assert len(result.unused) == 4  # the other four faces: in no segment
+    assert result.notes == (
+        "segment 0 holds the faces of persons 0 and 1: split between them by nearest face. For one mask per person, "
+        "switch SAM3 Detect's individual_masks on.",
+        "4 faces of the layout image in no segment: not used (a person the segmentation missed? lower SAM3 "
+        "Detect's threshold).")
+
+
+def test_more_faced_segments_than_count_keep_the_largest_faces(regions, real, t1, t1_segments, left_to_right):
+    result = regions.segment_regions(real, fp.comfy_float(t1), 2, t1_segments[1])
+    np.testing.assert_allclose(result.faces[:, :4], left_to_right[[0, 2]], atol=1e-4)  # as grow / partition take
+    assert result.origins == (f"segment {SCORE_ORDER.index(0)}, part of segment {TWO_PEOPLE}",
+                              f"segment {SCORE_ORDER.index(2)}")
+    assert "4 faces in segments not used: count keeps the largest." in result.notes
+    # The segment of persons 0 and 1 is split with face 1, left out: person 0 does not get face 1.
+    assert (f"segment {TWO_PEOPLE} holds the face of person 0 and 1 face left out by count: split between them by "
+            "nearest face; the left-out faces' parts are nobody's. For one mask per person, switch SAM3 Detect's "
+            "individual_masks on.") in result.notes
+    shapes, boxes = t1_segments[0], in_box(left_to_right, 886, 1280)
+    assert (result.labels[boxes[1]] == regions.BACKGROUND).all() and (result.labels[boxes[0]] == 0).all()
+    assert not (result.labels[shapes[1] & ~shapes[0]] == 0).any()  # face 1's own silhouette stays face 1's
+    for person in (1, 3, 4, 5):
+        assert f"segment {SCORE_ORDER.index(person)} holds only faces left out by count: dropped." in result.notes
+    np.testing.assert_allclose(result.unused[:, :4], left_to_right[[1, 3, 4, 5]], atol=1e-4)
+
+
+def test_segment_errors_say_what_to_do(regions, real, t1, t1_segments):
+    image = fp.comfy_float(t1)
+    shapes, batch = t1_segments
+    with pytest.raises(regions.RegionError) as error:  # SAM3 Detect's batch when it finds nothing
+        regions.segment_regions(real, image, 2, torch.zeros(0, 886, 1280))
+    assert str(error.value).startswith("The segments are an empty MASK batch: SAM3 Detect (or your segmenter) "
+                                       "found nothing in the layout image, but count asks for 2 persons. Lower "
+                                       "SAM3 Detect's threshold (e.g. 0.3), or try another prompt")
+    with pytest.raises(regions.RegionError) as error:
+        regions.segment_regions(real, image, 3, (shapes[0] | shapes[1])[None])
+    message = str(error.value)
+    assert message.startswith("1 segment and 6 faces in the layout image (1280x886), but only 2 of the faces lie in "
+                              "a segment (covering at least half its box), and count asks for 3 persons. Set count "
+                              "to 2 or fewer")
+    assert "('person:3' for 3)" in message and "individual_masks on" in message
+    with pytest.raises(regions.RegionError, match="but none of the faces lie in a segment .* Check that the "
+                                                   "segments are of the layout image"):
+        regions.segment_regions(real, image, 1, batch[NO_FACE:NO_FACE + 1])
+    with pytest.raises(regions.RegionError, match=r"The layout image \(400x300\) has no face the analyzer can find, "
+                                                  "but segments mode matches each segment to a person"):
+        regions.segment_regions(real, fp.comfy_float(fp.faceless(300, 400)), 1, np.ones((1, 300, 400)))
+    with pytest.raises(regions.RegionError, match=r"the segments are 1280x640 but the layout image is 1280x886 "
+                                                  r"\(width x height\), another shape"):
+        regions.segment_regions(real, image, 2, np.ones((1, 640, 1280)))
+    with pytest.raises(regions.RegionError, match="needs a MASK batch with one mask per person on `segments`"):
+        regions.segment_regions(real, image, 2)
+    with pytest.raises(regions.RegionError, match="segments must be a MASK batch"):
+        regions.segment_regions(real, image, 2, np.ones((1, 1, 886, 1280)))
+
+
+def test_segments_at_another_size_of_the_same_shape_are_resized(regions, real, t1, t1_segments, on_segments):
+    import cv2
+
+    half = np.stack([cv2.resize(m, (640, 443), interpolation=cv2.INTER_AREA) for m in t1_segments[1]])
+    result = regions.segment_regions(real, fp.comfy_float(t1), 6, half)
+    assert result.notes[0] == "the segments (640x443) were resized to the layout image's 1280x886."
+    assert result.masks.shape == (6, 886, 1280) and result.origins == on_segments.origins
+    assert (result.labels == on_segments.labels).mean() > 0.99
+
+
+@pytest.mark.parametrize("shape", ["gaussian", "linear"])
+def test_feathered_segments_stay_in_range_and_sum_to_at_most_one(regions, real, t1, t1_segments, on_segments, shape):
+    feather = 16
+    soft = regions.segment_regions(real, fp.comfy_float(t1), 6, t1_segments[1], feather=feather, feather_shape=shape)
+    masks = soft.masks
+    assert masks.dtype == np.float32 and masks.min() >= 0.0 and masks.sum(axis=0).max() <= 1.0
+    assert ((masks > 0) & (masks < 1)).any(axis=0).mean() > 0.03  # soft silhouette edges
+    far = ~borders(on_segments.labels, feather)
+    np.testing.assert_array_equal(masks[:, far], on_segments.masks[:, far])
+    for i, box in enumerate(on_segments.faces):
+        assert masks[i][centre(box)] == 1.0
+
+
+def sam3_boxes(shapes: np.ndarray, order) -> list:
+    """SAM3 Detect's bboxes for one image: a list (one per image) of lists of {x, y, width, height, score}."""
+    out = []
+    for rank, i in enumerate(order):
+        ys, xs = np.nonzero(shapes[i])
+        out.append({"x": float(xs.min()), "y": float(ys.min()), "width": float(xs.max() + 1 - xs.min()),
+                    "height": float(ys.max() + 1 - ys.min()), "score": 0.9 - 0.05 * rank})
+    return [out]
+
+
+def rectangles_of(boxes: list, height: int, width: int) -> np.ndarray:
+    out = np.zeros((len(boxes), height, width), np.float32)
+    for k, b in enumerate(boxes):
+        out[k, int(b["y"]):int(b["y"] + b["height"]), int(b["x"]):int(b["x"] + b["width"])] = 1.0
+    return out
+
+
+def test_person_boxes_are_filled_rectangles_matched_like_segments(regions, real, t1, t1_segments, left_to_right):
+    image = fp.comfy_float(t1)
+    boxes = sam3_boxes(t1_segments[0], SCORE_ORDER)
+    result = regions.segment_regions(real, image, 6, boxes=boxes)
+    np.testing.assert_allclose(result.faces[:, :4], left_to_right, atol=1e-4)
+    assert result.origins == tuple(f"box {SCORE_ORDER.index(i)}" for i in range(6))
+    as_masks = regions.segment_regions(real, image, 6, rectangles_of(boxes[0], 886, 1280))
+    np.testing.assert_array_equal(result.labels, as_masks.labels)  # integer boxes: the same pixels
+    for i in range(6):
+        assert (result.labels[in_box(left_to_right[i:i + 1], 886, 1280)[0]] == i).all()
+    # A dict, a flat list; segments win over boxes; boxes for two images, nothing found: errors.
+    one = regions.segment_regions(real, image, 1, boxes=boxes[0][SCORE_ORDER.index(2)])
+    np.testing.assert_allclose(one.faces[:, :4], left_to_right[2:3], atol=1e-4)
+    flat = regions.segment_regions(real, image, 6, boxes=boxes[0])
+    np.testing.assert_array_equal(flat.labels, result.labels)
+    both = regions.segment_regions(real, image, 6, t1_segments[1], boxes)
+    assert "boxes not used: segments are connected and take precedence." in both.notes
+    with pytest.raises(regions.RegionError, match="the boxes are for 2 images"):
+        regions.segment_regions(real, image, 6, boxes=boxes * 2)
+    with pytest.raises(regions.RegionError, match="The boxes are an empty list: the detector found nothing"):
+        regions.segment_regions(real, image, 6, boxes=[[]])
+    with pytest.raises(regions.RegionError, match="box 0 is not a bounding box"):
+        regions.segment_regions(real, image, 6, boxes=[{"x": 1}])
+
+
+# ---- in the executor: a stand-in for SAM3 Detect (its outputs, as tensors and boxes) ----
+class FixedSegments:
+    """Returns what SAM3 Detect would: a MASK batch and its BOUNDING_BOX list, looked up by key."""
+    VALUES: dict[str, tuple] = {}
+    RETURN_TYPES = ("MASK", "BOUNDING_BOX")
+    FUNCTION = "run"
+    CATEGORY = "testing"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"key": ("STRING", {"default": ""})}}
+
+    def run(self, key):
+        return self.VALUES[key]
+
+
+@pytest.fixture(scope="module")
+def fixed_segments(comfy_host):
+    import nodes
+
+    nodes.NODE_CLASS_MAPPINGS["FSTestFixedSegments"] = FixedSegments
+    yield FixedSegments.VALUES
+    del nodes.NODE_CLASS_MAPPINGS["FSTestFixedSegments"]
+    FixedSegments.VALUES.clear()
+
+
+def has_bounding_boxes() -> bool:
+    from comfy_api.latest import io
+
+    return hasattr(io, "BoundingBox")
+
+
+def test_segments_node_in_the_executor(comfy_host, packs, t1_input, fixed_segments, regions, real, t1, t1_segments,
+                                       on_segments):
+    real_pack, _ = packs
+    fixed_segments["t1"] = (torch.from_numpy(t1_segments[1]), sam3_boxes(t1_segments[0], SCORE_ORDER))
+    fixed_segments["none"] = (torch.zeros(0, 886, 1280), [[]])
+    prompt = {"1": fp.analyzer_node(real_pack), "2": fp.load_image(t1_input),
+              "3": {"class_type": "FSTestFixedSegments", "inputs": {"key": "t1"}},
+              "4": regions_node("segments", 6, "1", "2", segments=["3", 0])}
+    result = comfy_host.run(prompt)
+    assert result.success, result.error
+    masks, preview, report = (comfy_host.output(result, "4", i) for i in range(3))
+    assert masks.dtype == torch.float32
+    np.testing.assert_array_equal(masks.numpy(), on_segments.masks)
+    np.testing.assert_array_equal(preview[0].numpy(), on_segments.preview(fp.comfy_float(t1)))
+    assert report == on_segments.report() and "split between them by nearest face" in report
+    result = comfy_host.run({**prompt, "3": {"class_type": "FSTestFixedSegments", "inputs": {"key": "none"}}})
+    assert not result.success and result.error_node == "4"
+    assert "The segments are an empty MASK batch: SAM3 Detect (or your segmenter) found nothing" in result.error
+    # Segments connected in another mode: not used, and said.
+    result = comfy_host.run({**prompt, "4": regions_node("partition", 6, "1", "2", segments=["3", 0])})
+    assert result.success, result.error
+    assert comfy_host.output(result, "4", 2).endswith(
+        "warning: segments / boxes not used in mode 'partition': choose segments to use them.")
+
+
+def test_boxes_node_in_the_executor(comfy_host, packs, t1_input, fixed_segments, regions, real, t1, t1_segments):
+    if not has_bounding_boxes():
+        pytest.skip("this host has no BOUNDING_BOX type (comfy_api io.BoundingBox, ComfyUI 0.33 on): Regions has "
+                    "no boxes input here")
+    real_pack, _ = packs
+    boxes = sam3_boxes(t1_segments[0], SCORE_ORDER)
+    fixed_segments["t1 boxes"] = (torch.from_numpy(t1_segments[1]), boxes)
+    prompt = {"1": fp.analyzer_node(real_pack), "2": fp.load_image(t1_input),
+              "3": {"class_type": "FSTestFixedSegments", "inputs": {"key": "t1 boxes"}},
+              "4": regions_node("segments", 6, "1", "2", boxes=["3", 1])}
+    result = comfy_host.run(prompt)
+    assert result.success, result.error
+    expected = regions.segment_regions(real, fp.comfy_float(t1), 6, boxes=boxes)
+    np.testing.assert_array_equal(comfy_host.output(result, "4", 0).numpy(), expected.masks)
+    assert comfy_host.output(result, "4", 2) == expected.report()
+
+
+@pytest.fixture(scope="module")
+def two_silhouettes(booted, faces, real, t1, regions):
+    """A two-person layout (t1's two leftmost people) in the input folder, their silhouettes in score
+    order (right person first) and the Regions masks expected of them."""
+    layout = fp.t1_left(t1)
+    fp.save_inputs(booted.base / "input", {"fs_regions_two.png": layout})
+    boxes = np.stack([f.bbox for f in faces.detect_and_embed(real, layout, select="left-to-right")])
+    shapes = silhouettes(boxes, *layout.shape[:2])[::-1].astype(np.float32)
+    expected = regions.segment_regions(real, fp.comfy_float(layout), 2, shapes)
+    assert expected.origins == ("segment 1", "segment 0")
+    return "fs_regions_two.png", torch.from_numpy(shapes.copy()), torch.from_numpy(expected.masks)
+
+
+def segments_graph(checkpoint: str, real_pack: str, layout: str, key: str, direct: bool = False,
+                   swap: bool = False) -> graphs.Graph:
+    """Two persons in silhouettes: the stand-in's segments -> Regions (segments) -> FaceStudio Person
+    (mask_index 0, 1) -> Apply -> KSampler; or (`direct`) the stand-in's masks straight into Person."""
+    g = graphs.txt2img(checkpoint, output="latent", seed=7, steps=1)
+    g.add("FSTestFixedSegments", {"key": key}, "segments")
+    if direct:
+        masks = g.link("segments")
+    else:
+        g.add("FaceStudioFaceAnalyzerLoader", fp.analyzer_node(real_pack)["inputs"], "real")
+        g.add("LoadImage", {"image": layout}, "layout")
+        regions = regions_node("segments", 2, segments=g.link("segments"))["inputs"]
+        g.add("FaceStudioRegions", {**regions, "image": g.link("layout"), "face_analyzer": g.link("real")}, "regions")
+        masks = g.link("regions")
+    persons = None
+    for i, photo in enumerate(("fs_regions_a.png", "fs_regions_b.png")):
+        g.add("FaceStudioFaceAnalyzerLoader", {"pack": fm.TINY_PACK, "provider": "CPU", "det_size": 640},
+              f"analyzer{i}")
+        g.add("LoadImage", {"image": photo}, f"photo{i}")
+        g.add("FaceStudioIdentityEncode", {"face_analyzer": g.link(f"analyzer{i}"), "image": g.link(f"photo{i}"),
+                                           "face": "largest", "index": 0, "on_missing": "error",
+                                           "outlier_threshold": 0.4}, f"identity{i}")
+        inputs = {"identity": g.link(f"identity{i}"), "weight": 1.0, "start": 0.0, "end": 1.0,
+                  "mask_index": (1 - i) if swap else i, "mask": masks}
+        if persons is not None:
+            inputs["persons"] = persons
+        persons = [g.add("FaceStudioPerson", inputs), 0]
+    loader = g.add("FaceStudioAdapterLoader", {"adapter_name": FACEID, "kind": "auto"})
+    g.insert_model_node("FaceStudioApply", {"adapter": [loader, 0], "persons": persons, "alpha": 0.5,
+                                            "style_weight": 1.0})
+    return g
+
+
+def test_segment_regions_route_each_person_to_their_silhouette(comfy_host, sampling, packs, fixed_segments,
+                                                               two_silhouettes):
+    real_pack, _ = packs
+    layout, shapes, expected = two_silhouettes
+    fixed_segments["two"] = (shapes, [[]])
+    fixed_segments["two, left to right"] = (expected, [[]])
+    latents = {}
+    for case, kwargs in (("segments", {}), ("direct", {"direct": True}), ("swapped", {"swap": True})):
+        g = segments_graph(sampling, real_pack, layout, "two, left to right" if case == "direct" else "two", **kwargs)
+        result = comfy_host.run(g.prompt)
+        assert result.success, (case, result.error)
+        latents[case] = comfy_host.output(result, g["sampler"])["samples"]
+        if case != "direct":
+            assert torch.equal(comfy_host.output(result, g["regions"]), expected)
+    assert torch.isfinite(latents["segments"]).all()
+    # The silhouettes in score order, through Regions: exactly the left-to-right masks given directly.
+    assert torch.equal(latents["segments"], latents["direct"])
+    assert (latents["segments"] - latents["swapped"]).abs().max() > 1e-3
