@@ -93,9 +93,8 @@ def test_pack_list_and_missing_pack(comfy_host, installed_pack, booted):
 
     cls = nodes.NODE_CLASS_MAPPINGS["FaceStudioFaceAnalyzerLoader"]
     assert installed_pack in cls.GET_NODE_INFO_V1()["input"]["required"]["pack"][1]["options"]
-    result = comfy_host.run({"1": analyzer_node("buffalo_l"), "2": preview(["1", 0])})
-    assert not result.success and result.error_node == "1"
-    assert str(booted.models / "insightface" / "models") in result.error and "buffalo_l" in result.error
+    error = comfy_host.refusal({"1": analyzer_node("buffalo_l"), "2": preview(["1", 0])}, "1")
+    assert str(booted.models / "insightface" / "models") in error and "buffalo_l" in error
 
 
 @pytest.mark.smoke
@@ -157,9 +156,9 @@ def test_save_refuses_paths_outside_the_output_folder(comfy_host, installed_pack
         result = comfy_host.run(prompt)
         assert not result.success and result.error_node == "4", prefix
         assert "no absolute paths or '..'" in result.error
-    result = comfy_host.run({"1": {"class_type": "FaceStudioIdentityLoad", "inputs": {"identity_file": "../../x.safetensors"}},
-                             "2": preview(["1", 0])})
-    assert not result.success and "no absolute paths or '..'" in result.error
+    error = comfy_host.refusal({"1": {"class_type": "FaceStudioIdentityLoad",
+                                      "inputs": {"identity_file": "../../x.safetensors"}}, "2": preview(["1", 0])}, "1")
+    assert "no absolute paths or '..'" in error
 
 
 def test_photo_without_a_face(comfy_host, installed_pack, photos):

@@ -47,10 +47,11 @@ def test_object_info_lists_every_pack_node(comfy_server, booted):
 
 @pytest.mark.smoke
 def test_startup_log_shows_the_pack_loaded_without_import_errors(comfy_server):
-    log = comfy_server.log()
+    lines = comfy_server.log_messages()
+    log = "\n".join(lines)
     pack_path = re.escape(f"custom_nodes/{PACK_LINK_NAME}")
     failures = [
-        line for line in log.splitlines()
+        line for line in lines
         if ("IMPORT FAILED" in line or "Cannot import" in line or "Skip " in line) and PACK_LINK_NAME in line
         or "Error while calling comfy_entrypoint" in line
         or "comfy_entrypoint in" in line  # the host's other entrypoint complaints

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
@@ -38,6 +39,17 @@ class RunResult:
     messages: list = field(default_factory=list)
 
 
+def make_executor(server):
+    """The host's PromptExecutor with the classic (dump as soon as unused) cache, as main.py makes it:
+    hosts from about 0.3.70 on take `cache_args` (and read its "ram" entries on every prompt)."""
+    import execution
+
+    options = {"cache_type": execution.CacheType.CLASSIC}
+    if "cache_args" in inspect.signature(execution.PromptExecutor).parameters:
+        options["cache_args"] = {"lru": 0, "ram": 0, "ram_inactive": 0}
+    return execution.PromptExecutor(server, **options)
+
+
 class InProcessHost:
     def __init__(self, booted: BootedHost):
         import execution
@@ -49,7 +61,7 @@ class InProcessHost:
         server.PromptServer.instance = self.sink
         asyncio.run(nodes.init_extra_nodes(init_custom_nodes=True, init_api_nodes=False))
         self.node_classes = nodes.NODE_CLASS_MAPPINGS
-        self.executor = execution.PromptExecutor(self.sink, cache_type=execution.CacheType.CLASSIC)
+        self.executor = make_executor(self.sink)
 
     def run(self, prompt: dict, outputs: list[str] | None = None) -> RunResult:
         """Validates and executes an API-format prompt. `outputs` defaults to the prompt's output nodes."""
@@ -68,6 +80,8 @@ class InProcessHost:
         values = {}
         for node_id in prompt:
             cached = self.executor.caches.outputs.get(node_id)
+            if inspect.isawaitable(cached):  # a coroutine from about 0.3.66 on
+                cached = asyncio.run(cached)
             if cached is not None:
                 values[node_id] = cached.outputs if hasattr(cached, "outputs") else cached
         result = RunResult(self.executor.success, values, self.executor.history_result.get("outputs", {}),
@@ -78,6 +92,28 @@ class InProcessHost:
                 result.error_node = data["node_id"]
                 result.error_type = data["exception_type"]
         return result
+
+    def refusal(self, prompt: dict, node_id: str) -> str:
+        """The message with which `node_id` refuses its inputs when `prompt` runs.
+
+        Hosts from about 0.3.66 on check combo values against their options before any node runs (0.3.64
+        and older did not, for V3 combos): there the value never reaches the node, so this checks that
+        the host's refusal names the node, then runs the node's own execute on the same inputs, as the
+        older hosts do, and returns what it raises. Either way the node must refuse."""
+        result = self.run(prompt)
+        assert not result.success, f"node {node_id} accepted {prompt[node_id]['inputs']}"
+        if result.error_type != "validation":
+            assert result.error_node == node_id, (result.error_node, result.error)
+            return result.error
+        assert f"node {node_id}:" in result.error and "not in" in result.error.lower(), result.error
+        node = prompt[node_id]
+        inputs = {k: v for k, v in node["inputs"].items() if not isinstance(v, list)}  # widget values only
+        cls = self.node_classes[node["class_type"]]
+        try:
+            outcome = cls.execute(**inputs)
+        except Exception as error:  # the node's own refusal, as the executor would report it
+            return str(error)
+        raise AssertionError(f"{node['class_type']}.execute accepted {inputs} (returned {outcome!r})")
 
     def output(self, result: RunResult, node_id: str, index: int = 0):
         """The value of one node output (the first item of its list, as non-list nodes return)."""

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -15,6 +16,10 @@ import uuid
 from pathlib import Path
 
 from .bootstrap import host_dir, make_base_directory
+
+
+ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")
+LEVEL_TAG = re.compile(r"^\[(DEBUG|INFO|WARNING|ERROR|CRITICAL)\] ?")
 
 
 def free_port() -> int:
@@ -74,6 +79,11 @@ class ComfyServer:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
+    def log_messages(self) -> list[str]:
+        """The log's lines as messages: without the colour codes and `[INFO]`-style level tags that
+        hosts from about 0.3.70 put in front of each line."""
+        return [LEVEL_TAG.sub("", ANSI_ESCAPE.sub("", line), count=1) for line in self.log().splitlines()]
+
     # --- HTTP client ----------------------------------------------------------------------
     def request(self, path: str, data: dict | None = None, timeout: float = 30.0) -> bytes:
         body = json.dumps(data).encode() if data is not None else None
@@ -109,6 +119,17 @@ class ComfyServer:
 
     def run(self, prompt: dict, timeout: float = 300.0) -> dict:
         return self.wait_for(self.queue_prompt(prompt), timeout)
+
+    def refusal(self, prompt: dict, timeout: float = 300.0) -> str | None:
+        """Why the server refused or failed `prompt`: /prompt's validation errors (from about 0.3.66 on,
+        a combo value outside its list stops there), else the execution error; None if it ran."""
+        try:
+            entry = self.run(prompt, timeout)
+        except RuntimeError as refused:
+            if "/prompt refused the prompt" not in str(refused):
+                raise
+            return str(refused)
+        return execution_error(entry)
 
     def view(self, filename: str, subfolder: str = "", folder_type: str = "output") -> bytes:
         query = urllib.parse.urlencode({"filename": filename, "subfolder": subfolder, "type": folder_type})
