@@ -2,6 +2,7 @@
 
 The host imports this package from custom_nodes/ and calls `comfy_entrypoint` (V3 node API).
 Only relative imports inside the pack: its `nodes/` must never shadow the host's `nodes.py`.
+`comfy_api.latest`: on every supported host (0.3.50 to v0.33) the versioned `v0_0_2` only re-exports it.
 """
 from comfy_api.latest import ComfyExtension, io
 
@@ -10,11 +11,15 @@ from .nodes.model_folders import register_model_folders
 
 
 class FaceStudioExtension(ComfyExtension):
+    async def on_load(self) -> None:
+        # v0.33 awaits on_load; hosts up to at least 0.3.64 never call it. Registering is idempotent,
+        # so doing it here and in comfy_entrypoint is safe on every host.
+        register_model_folders()
+
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
         return list(NODE_LIST)
 
 
 async def comfy_entrypoint() -> FaceStudioExtension:
-    # Here rather than in ComfyExtension.on_load, which hosts up to at least 0.3.64 never call.
-    register_model_folders()
+    register_model_folders()  # for hosts that never call on_load
     return FaceStudioExtension()

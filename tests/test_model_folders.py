@@ -59,3 +59,25 @@ def test_clip_vision_is_left_as_the_host_made_it(folders):
     folders.register_model_folders()
     after = folder_paths.folder_names_and_paths["clip_vision"]
     assert (list(after[0]), set(after[1])) == before
+
+
+@pytest.mark.smoke
+def test_entry_point_then_on_load_registers_each_folder_once(pack, folders):
+    """v0.33 awaits on_load after comfy_entrypoint; older hosts only call the entry point. Whichever
+    runs, and however often, each folder is there once."""
+    import asyncio
+
+    import folder_paths
+
+    for name in ("ipadapter", "insightface"):
+        folder_paths.folder_names_and_paths.pop(name, None)
+    extension = asyncio.run(pack.comfy_entrypoint())
+    asyncio.run(extension.on_load())
+    asyncio.run(extension.on_load())
+    for name in ("ipadapter", "insightface"):
+        paths = folder_paths.folder_names_and_paths[name][0]
+        assert paths.count(os.path.join(folder_paths.models_dir, name)) == 1, paths
+
+    folder_paths.folder_names_and_paths.pop("ipadapter")
+    asyncio.run(extension.on_load())  # on_load alone registers too
+    assert os.path.join(folder_paths.models_dir, "ipadapter") in folder_paths.folder_names_and_paths["ipadapter"][0]
