@@ -3,21 +3,23 @@
 Per Apply, every person's identity tokens (and the style's) are projected once and turned into each
 layer's K/V once (fp32, on the offload device), then laid out for `routing.route` (one TokenGroups
 per layer and CFG side). Those tensors are the parameters of one `TokenStore` module that the MODEL
-carries as an additional model, so the host's model management loads it to the compute device with
-the UNet (counted in its memory budget) and offloads it with it; nothing is kept on a GPU behind the
-host's back. The attn2 replacement at a position computes A_text with the host's attention (or a
-foreign replacement it wraps), zeroes the weights of persons outside their [start, end] at each
-row's sigma, and calls `routing.route_chunks` (cond rows: each person's tokens; uncond rows: their
-unconditional tokens).
+carries as an additional model (attention/token_store.py), so the host's model management loads it to
+the compute device with the UNet (counted in its memory budget) and offloads it with it; nothing is
+kept on a GPU behind the host's back. The attn2 replacement at a position computes A_text with the
+host's attention (or a foreign replacement it wraps), zeroes the weights of persons outside their
+[start, end] at each row's sigma, and calls `routing.route_chunks` (cond rows: each person's tokens;
+uncond rows: their unconditional tokens).
 
 The replacement objects are immutable, so ModelPatcher.clone() shares them (`__deepcopy__` returns
-self). A second Apply on a model already carrying ours builds merged replacements and one new store
-with both person lists, so all persons share one A_text and one routed call.
+self); the host's `.to(device)` picks the one instance per device (multi-GPU worker threads). A
+second Apply on a model already carrying ours builds merged replacements and one new store with both
+person lists, so all persons share one A_text and one routed call.
 """
 from __future__ import annotations
 
 import functools
 import inspect
+import threading
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -37,6 +39,7 @@ from .projection import (
     unconditional_style_tokens,
 )
 from .routing import TokenGroups, find_downscale, masks_to_tokens, route_chunks, text_gain
+from .token_store import TokenStore, store_patcher
 
 KV = tuple[torch.Tensor, torch.Tensor]
 STORE_KEY = "facestudio_tokens"  # the MODEL's additional_models entry for the TokenStore
@@ -103,35 +106,6 @@ def _build_groups(persons: Sequence[PersonLayer], style: StyleLayer | None, head
         for side in ("cond", "uncond"))
 
 
-class TokenStore(torch.nn.Module):
-    """Every layer's (cond, uncond) TokenGroups tensors of one Apply, as frozen parameters.
-
-    Parameters, not buffers: the host's ModelPatcher moves and sizes a module's parameters.
-    `groups(n)` rebuilds the small TokenGroups views around whatever device the host put them on.
-    """
-
-    def __init__(self, layers: Sequence[tuple[TokenGroups, TokenGroups]]):
-        super().__init__()
-        self.tensors = torch.nn.ParameterList()
-        self._layout = []
-        for pair in layers:
-            entry = []
-            for g in pair:
-                first = len(self.tensors)
-                for t in (g.keys, g.values) + (() if g.pad_bias is None else (g.pad_bias,)):
-                    self.tensors.append(torch.nn.Parameter(t, requires_grad=False))
-                entry.append((first, g.pad_bias is not None, g.weights, g.lengths, g.heads, g.style_scale))
-            self._layout.append(tuple(entry))
-
-    def groups(self, n: int) -> tuple[TokenGroups, TokenGroups]:
-        out = []
-        for first, padded, weights, lengths, heads, style_scale in self._layout[n]:
-            bias = self.tensors[first + 2].data if padded else None
-            out.append(TokenGroups(self.tensors[first].data, self.tensors[first + 1].data, bias, weights, lengths,
-                                   heads, style_scale))
-        return tuple(out)
-
-
 @functools.lru_cache(maxsize=None)
 def _takes_transformer_options(function: Callable) -> bool:
     # Hosts before about 0.3.60 have no transformer_options parameter on their attention functions.
@@ -158,6 +132,7 @@ class FaceStudioAttention:
 
     Bound to a TokenStore (`store`, `index`) when installed by apply_facestudio; unbound (tests, or a
     head count the store was not built for) it lays its tokens out itself, once per head count.
+    `.to(device)` gives the instance for one device (see `to`); `device` is None for the instance built.
     """
 
     is_facestudio_attention = True
@@ -178,6 +153,9 @@ class FaceStudioAttention:
         self._every_step = all(p.sigma_end <= 0.0 and p.sigma_start >= 999999999.0 for p in self.persons)
         self._groups: dict = {}   # heads -> (cond, uncond) TokenGroups, when unbound
         self._regions: dict = {}  # (latent hw, Nq, batch, device) -> (token masks, region weights)
+        self.device = None
+        self._per_device: dict = {}  # device -> its instance; shared by every instance .to() derives
+        self._per_device_lock = threading.Lock()
 
     def __deepcopy__(self, memo):
         return self
@@ -215,9 +193,36 @@ class FaceStudioAttention:
         return FaceStudioAttention(self.persons, self.style, self.alpha, self.wrapped, store, index,
                                    self.unfold_batch)
 
+    def to(self, target, *args, **kwargs) -> "FaceStudioAttention":
+        """The host calls this on every patches_replace entry: with the model's load device and dtype
+        when loading it, and, with multi-GPU, with each worker thread's device for every batch.
+
+        A device gets one instance, cached and shared by every clone of the MODEL (their patches_replace
+        hold the same objects): it reads the store replica the host loaded on that device (each GPU's
+        model clone carries its own) and keeps its own region cache, so worker threads share no mutable
+        state. Dtype casts change nothing: the K/V stay fp32 and `route` casts them per call. A wrapped
+        replacement's own `.to` is forwarded and its result wrapped."""
+        to = getattr(self.wrapped, "to", None)
+        wrapped = to(target, *args, **kwargs) if callable(to) else self.wrapped
+        if not isinstance(target, (torch.device, str, int)):  # a dtype
+            return self if wrapped is self.wrapped else self._derived(wrapped, self.device)
+        device = torch.device(target)
+        with self._per_device_lock:
+            instance = self._per_device.get(device)
+            if instance is None or instance.wrapped is not wrapped:
+                instance = self._per_device[device] = self._derived(wrapped, device)
+        return instance
+
+    def _derived(self, wrapped: Callable | None, device) -> "FaceStudioAttention":
+        instance = self.wrapping(wrapped)
+        instance.device = device
+        instance._per_device, instance._per_device_lock = self._per_device, self._per_device_lock  # one cache
+        return instance
+
     def token_groups(self, heads: int) -> tuple[TokenGroups, TokenGroups]:
         if self.store is not None:
-            groups = self.store.groups(self.index)
+            store = self.store if self.device is None else self.store.on(self.device)
+            groups = store.groups(self.index)
             if groups[0].heads == heads:
                 return groups
         groups = self._groups.get(heads)
@@ -440,10 +445,7 @@ def apply_facestudio(model, adapter: IPAdapterWeights, persons: Sequence[Person]
 
     # One store per MODEL: a chained Apply's merged store replaces the earlier one.
     store = TokenStore([_build_groups(p.persons, p.style, pos.heads) for p, pos in zip(patches, positions)])
-    import comfy.model_patcher
-
-    clone.set_additional_models(STORE_KEY, [comfy.model_patcher.ModelPatcher(
-        store, load_device=model.load_device, offload_device=model.offload_device)])
+    clone.set_additional_models(STORE_KEY, [store_patcher(store, model.load_device, model.offload_device)])
     for n, (patch, layer) in enumerate(zip(patches, mapped)):
         clone.set_model_attn2_replace(patch.bound_to(store, n), *layer.position.patch_key)
     return clone

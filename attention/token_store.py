@@ -1,0 +1,87 @@
+"""The token K/V of one Apply as a model the host manages: the TokenStore module and its patcher.
+
+The MODEL carries the store as an additional model, so the host loads it to the compute device with
+the UNet (counted in its memory budget) and offloads it with it. Its patcher must be the kind the
+host makes its own models with: with dynamic VRAM (ComfyUI 0.33+ on NVIDIA, main.py rebinds
+comfy.model_patcher.CoreModelPatcher to ModelPatcherDynamic), one non-dynamic patcher in a load makes
+load_models_gpu free memory the old way, really unloading every other resident model.
+
+Multi-GPU: the host deep-clones every additional model once per extra device through its
+`cached_patcher_init` factory; ours makes a replica (same values, own tensors) in the store's
+family, and `TokenStore.on(device)` finds the family member the host put on a device.
+"""
+from __future__ import annotations
+
+import weakref
+from typing import Sequence
+
+import torch
+
+from .routing import TokenGroups
+
+
+class TokenStore(torch.nn.Module):
+    """Every layer's (cond, uncond) TokenGroups tensors of one Apply, as frozen parameters.
+
+    Parameters, not buffers: the host's ModelPatcher moves and sizes a module's parameters.
+    `groups(n)` rebuilds the small TokenGroups views around whatever device the host put them on.
+    """
+
+    def __init__(self, layers: Sequence[tuple[TokenGroups, TokenGroups]]):
+        super().__init__()
+        self.tensors = torch.nn.ParameterList()
+        self._layout = []
+        for pair in layers:
+            entry = []
+            for g in pair:
+                first = len(self.tensors)
+                for t in (g.keys, g.values) + (() if g.pad_bias is None else (g.pad_bias,)):
+                    self.tensors.append(torch.nn.Parameter(t, requires_grad=False))
+                entry.append((first, g.pad_bias is not None, g.weights, g.lengths, g.heads, g.style_scale))
+            self._layout.append(tuple(entry))
+        # This store, then its replicas (the same values); append-only, so worker threads read it unlocked.
+        self._family = [weakref.ref(self)]
+
+    def groups(self, n: int) -> tuple[TokenGroups, TokenGroups]:
+        out = []
+        for first, padded, weights, lengths, heads, style_scale in self._layout[n]:
+            bias = self.tensors[first + 2].data if padded else None
+            out.append(TokenGroups(self.tensors[first].data, self.tensors[first + 1].data, bias, weights, lengths,
+                                   heads, style_scale))
+        return tuple(out)
+
+    def replica(self, device: torch.device) -> "TokenStore":
+        """A copy with its own tensors on `device`, in this store's family."""
+        twin = TokenStore(())
+        twin.tensors.extend(torch.nn.Parameter(t.detach().to(device, copy=True), requires_grad=False)
+                            for t in self.tensors)
+        twin._layout, twin._family = self._layout, self._family
+        self._family.append(weakref.ref(twin))
+        return twin
+
+    def on(self, device: torch.device) -> "TokenStore":
+        """The family member whose tensors are on `device` (where the host loaded it), else this one:
+        all hold the same values, so the choice only saves copies between devices."""
+        for ref in self._family:
+            store = ref()
+            if store is not None and len(store.tensors) and store.tensors[0].device == device:
+                return store
+        return self
+
+
+def store_patcher(store: TokenStore, load_device, offload_device, disable_dynamic: bool = False):
+    """The store's patcher, of the class the host makes its own models with (looked up per call:
+    main.py rebinds CoreModelPatcher at start-up; hosts before 0.33 have none)."""
+    import comfy.model_patcher
+
+    cls = comfy.model_patcher.ModelPatcher
+    if not disable_dynamic:
+        cls = getattr(comfy.model_patcher, "CoreModelPatcher", cls)
+    patcher = cls(store, load_device=load_device, offload_device=offload_device)
+    # What deepclone_multigpu and clone(disable_dynamic=True) rebuild the patcher from (they raise without).
+    patcher.cached_patcher_init = (_replica_patcher, (store, load_device, offload_device))
+    return patcher
+
+
+def _replica_patcher(store: TokenStore, load_device, offload_device, disable_dynamic: bool = False):
+    return store_patcher(store.replica(offload_device), load_device, offload_device, disable_dynamic)
