@@ -121,9 +121,16 @@ class Frontend:
         return self.page.evaluate("() => app.graph.nodes.map(n => n.type)")
 
     def unknown_node_types(self) -> list[str]:
+        """Types of loaded nodes the frontend has no definition for (what its missing-nodes dialog lists).
+        LiteGraph's registry, kept by every frontend from 1.2x to 1.48."""
         return self.page.evaluate(
-            "() => app.graph.nodes.filter(n => !LiteGraph.registered_node_types[n.type] || n.has_errors)"
-            ".map(n => n.type)")
+            "() => app.graph.nodes.filter(n => !LiteGraph.registered_node_types[n.type]).map(n => n.type)")
+
+    def nodes_with_error_badges(self) -> list[str]:
+        """'type (title)' of every node drawn with the error outline: frontend 1.48 also marks a node whose
+        model or image file is not on the server, 1.27 only after a failed queue."""
+        return self.page.evaluate(
+            "() => app.graph.nodes.filter(n => n.has_errors).map(n => `${n.type} (${n.title})`)")
 
     def graph_to_prompt(self) -> dict:
         """The frontend's own conversion of the loaded graph into the API prompt it would queue."""

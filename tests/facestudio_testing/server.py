@@ -95,6 +95,12 @@ class ComfyServer:
     def get_json(self, path: str):
         return json.loads(self.request(path))
 
+    def node_types(self) -> set[str]:
+        """Every node type the server defines (/object_info), read once."""
+        if getattr(self, "_node_types", None) is None:
+            self._node_types = set(self.get_json("/object_info"))
+        return self._node_types
+
     def queue_prompt(self, prompt: dict) -> str:
         """POST /prompt; raises with the host's validation errors when it refuses the prompt."""
         try:

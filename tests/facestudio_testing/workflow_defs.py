@@ -31,6 +31,7 @@ STYLE_LORA = "add_detail.safetensors"  # any SD1.5 LoRA: this popular one is an 
 SDXL_CHECKPOINT = "sd_xl_base_1.0.safetensors"
 FACEID_PLUS_V2_SDXL = "ip-adapter-faceid-plusv2_sdxl.bin"
 FACEID_PLUS_V2_SDXL_LORA = "ip-adapter-faceid-plusv2_sdxl_lora.safetensors"  # found by Apply in models/loras
+SAM3_CHECKPOINT = "sam3.1_multiplex_fp16.safetensors"  # Comfy-Org/sam3.1, as the host's SAM3 blueprints load it
 # Pictures the workflows load from ComfyUI's input folder (the user picks their own).
 PHOTO, PHOTO_2, PHOTO_3 = "person.png", "person_2.png", "person_3.png"
 OTHER_PHOTO = "other_person.png"
@@ -39,8 +40,9 @@ STYLE_IMAGE = "style.png"
 POSE = "pose.png"
 SCENE = "scene.png"
 
-# Preview Any's display widget: the frontend queues it (empty) with the prompt; the host ignores it.
-PREVIEW_ANY_WIDGET = {"preview": ""}
+# Display-only widgets: frontend 1.27 queues Preview Any's text box (empty) with the prompt, 1.48 does
+# not, and the host ignores it either way; prompt comparisons leave them out.
+DISPLAY_ONLY_WIDGETS = {("PreviewAny", "preview")}
 
 # Group colours (LiteGraph's palette): one per kind of step, the same in every workflow.
 COLORS = {"models": "#3f789e", "faces": "#8A8", "style": "#a1309b", "prompt": "#b58b2a", "sample": "#444",
@@ -68,6 +70,9 @@ class Workflow:
     groups: list[Group] = field(default_factory=list)
     titles: dict[str, str] = field(default_factory=dict)  # named node -> title shown
     base: str = "SD1.5"  # "SD1.5" or "SDXL": the checkpoint and adapters it is made for
+    # Host node types it needs beyond the core's and the pack's (e.g. SAM3_Detect, ComfyUI 0.33 on): the
+    # tests skip it on hosts without them, and do not run it on the tiny test models (no weights for those).
+    requires: tuple[str, ...] = ()
 
     @property
     def prompt(self) -> dict:
@@ -180,14 +185,15 @@ def _regional_prompts(g: Graph, masks: list, texts: tuple[str, ...]) -> None:
 
 
 def _two_people_in_regions(g: Graph, mode: str, image: list, width: int, height: int, feather: int,
-                           size_weighted: bool) -> None:
-    """FaceStudio Regions on `image` (two regions, faces left to right), PHOTO's person in region 0 and
-    OTHER_PHOTO's in region 1, applied to the model."""
+                           size_weighted: bool, segments: list | None = None) -> None:
+    """FaceStudio Regions on `image` (two regions, faces left to right; `segments`: its segment masks),
+    PHOTO's person in region 0 and OTHER_PHOTO's in region 1, applied to the model."""
     g.add("FaceStudioRegions", {"mode": mode, "count": 2, "image": image,
                                 "face_analyzer": g.link("analyzer"), "width": width, "height": height,
                                 "feather": feather,
                                 "feather_shape": "gaussian", "grow_width": 3.0, "grow_up": 0.5, "grow_down": 3.0,
-                                "size_weighted": size_weighted, "grid_columns": 0}, "regions")
+                                "size_weighted": size_weighted, "grid_columns": 0,
+                                **({"segments": segments} if segments is not None else {})}, "regions")
     first = _photo_identity(g, "identity0", PHOTO)
     second = _photo_identity(g, "identity1", OTHER_PHOTO)
     persons = _person(g, "person0", first, masks=g.link("regions"), mask_index=0)
@@ -336,6 +342,54 @@ def two_people(number: int = 3, base: str = "SD1.5") -> Workflow:
     )
 
 
+def two_people_sam3(number: int = 11) -> Workflow:
+    """Two people in SAM3 silhouettes (SAM3_Detect: ComfyUI 0.33 on; the workflow tests skip it on older
+    hosts and do not run it: no SAM3 weights exist for tests, test_regions.py routes real mask batches)."""
+    g = _base("two friends standing side by side in a park, autumn, golden hour, photo", width=768, height=512)
+    _face_models(g)
+    g.add("CheckpointLoaderSimple", {"ckpt_name": SAM3_CHECKPOINT}, "sam3")
+    g.add("LoadImage", {"image": LAYOUT}, "layout")
+    # SAM3 Detect keeps one detection per prompt unless it says how many: "person:2" for two.
+    g.add("CLIPTextEncode", {"text": "person:2", "clip": g.link("sam3", 1)}, "sam3_prompt")
+    g.add("SAM3_Detect", {"model": g.link("sam3"), "image": g.link("layout"), "conditioning": g.link("sam3_prompt"),
+                          "threshold": 0.5, "refine_iterations": 2, "individual_masks": True}, "segment")
+    _two_people_in_regions(g, "segments", g.link("layout"), 768, 512, 8, size_weighted=False,
+                           segments=g.link("segment"))
+    _regional_prompts(g, g.link("regions"), ("a woman with long red hair, green coat",
+                                             "a man with a beard, blue denim jacket"))
+    return Workflow(
+        f"{number:02d}_two_people_with_sam3_silhouettes", "Two people, each in their own silhouette (SAM3)",
+        "Two people in one image, each bound to their own silhouette: SAM3 segments the people of a layout "
+        "photo, FaceStudio Regions matches each mask to the face in it and numbers them left to right, and the "
+        "image inside person i's silhouette attends only to person i's identity. Needs ComfyUI 0.33 or later "
+        "(SAM3 Detect).",
+        g,
+        [Group("1. Models", COLORS["models"], ["checkpoint", "adapter", "clip_vision", "analyzer", "sam3"],
+               MODELS_NOTE + f" SAM3: {SAM3_CHECKPOINT} (Comfy-Org/sam3.1) in models/checkpoints."),
+         Group("2. Silhouettes", COLORS["check"], ["layout", "sam3_prompt", "segment", "regions"],
+               "SAM3 Detect finds the people of the layout photo ('person:2': up to two; lower threshold if it "
+               "misses one) with individual_masks on, one mask per person in score order. FaceStudio Regions "
+               "'segments' matches each mask to the face in it and numbers them left to right (mask 0 = left); "
+               "its report says which masks were dropped (no face) or split (two faces). The layout photo's "
+               "aspect ratio should match the latent's."),
+         Group("3. The people", COLORS["faces"], ["identity0_photo", "identity0", "person0", "identity1_photo",
+                                                   "identity1", "person1"],
+               "Person 0 gets mask_index 0 (left silhouette), person 1 mask_index 1 (right)."),
+         Group("4. Per-person prompts", COLORS["prompt"],
+               ["positive", "negative", "prompt0", "mask0_image", "mask0_pick", "mask0", "prompt0_region",
+                "combine0", "prompt1", "mask1_image", "mask1_pick", "mask1", "prompt1_region", "combine1"],
+               "The whole-image prompt plus each person's own prompt inside their silhouette "
+               "(ConditioningSetMask)."),
+         Group("5. Apply and sample", COLORS["sample"], ["apply", "latent", "sampler", "decode", "save"],
+               "FaceStudio Apply routes each person's identity to their silhouette, in one attention pass. "
+               + SAMPLE_NOTE)],
+        {"identity0_photo": "Photo of person 0 (left)", "identity1_photo": "Photo of person 1 (right)",
+         "layout": "Layout photo (two people)", "prompt0": "Prompt of person 0", "prompt1": "Prompt of person 1",
+         "sam3": "SAM3 (segmentation)", "sam3_prompt": "What to segment", "segment": "SAM3 Detect"},
+        requires=("SAM3_Detect",),
+    )
+
+
 def multi_shot() -> Workflow:
     g = _base("a photo of a person hiking in the mountains, backpack, sunny day")
     _face_models(g)
@@ -344,7 +398,7 @@ def multi_shot() -> Workflow:
     g.add("ImageBatch", {"image1": g.link("shot0"), "image2": g.link("shot1")}, "batch01")
     g.add("ImageBatch", {"image1": g.link("batch01"), "image2": g.link("shot2")}, "batch")
     identity = _encode(g, "identity", g.link("batch"))
-    g.add("PreviewAny", {"source": g.link("identity", 1), **PREVIEW_ANY_WIDGET}, "report")
+    g.add("PreviewAny", {"source": g.link("identity", 1)}, "report")
     g.add("FaceStudioIdentitySave", {"identity": identity, "filename_prefix": "person"}, "save_identity")
     _apply(g, _person(g, "person", identity))
     return Workflow(
@@ -465,7 +519,7 @@ def scoring() -> Workflow:
     _apply(g, _person(g, "person", identity))
     g.add("FaceStudioIdentityScore", {"image": g.link("decode"), "face_analyzer": g.link("analyzer"),
                                       "identity_1": identity, "threshold": 0.3}, "score")
-    g.add("PreviewAny", {"source": g.link("score", 1), **PREVIEW_ANY_WIDGET}, "score_report")
+    g.add("PreviewAny", {"source": g.link("score", 1)}, "score_report")
     return Workflow(
         "08_generate_and_score", "Generate, then score the likeness",
         "Generation followed by FaceStudio Identity Score: how much each generated face looks like the "
@@ -486,7 +540,7 @@ def scoring() -> Workflow:
 
 WORKFLOWS = {w.name: w for w in (one_person(), stylized_portrait(), two_people(), multi_shot(), identity_mix(),
                                  controlnet_lora(), image_to_image(), scoring(),
-                                 one_person(9, "SDXL"), two_people(10, "SDXL"))}
+                                 one_person(9, "SDXL"), two_people(10, "SDXL"), two_people_sam3())}
 
 def api_view(prompt: dict) -> dict:
     """class_type and inputs of each node (the frontend adds `_meta` titles)."""
@@ -504,6 +558,8 @@ def prompt_differences(expected: dict, got: dict) -> list[str]:
             out.append(f"node {i}: {g['class_type']} instead of {e['class_type']}")
             continue
         for key in sorted(set(e["inputs"]) | set(g["inputs"])):
+            if (e["class_type"], key) in DISPLAY_ONLY_WIDGETS:
+                continue
             if e["inputs"].get(key, "<absent>") != g["inputs"].get(key, "<absent>"):
                 out.append(f"node {i} ({e['class_type']}).{key}: frontend {g['inputs'].get(key, '<absent>')!r}, "
                            f"definition {e['inputs'].get(key, '<absent>')!r}")
