@@ -59,7 +59,8 @@ def machine_line(device: str | None = None, extra: str = "") -> str:
     import torch
 
     parts = [f"CPU {cpu_model()}", f"{os.cpu_count()} logical cores", f"{platform.system()} {platform.release()}",
-             f"Python {platform.python_version()}", f"torch {torch.__version__} ({torch.get_num_threads()} threads)"]
+             f"Python {platform.python_version()}", f"torch {torch.__version__} ({torch.get_num_threads()} threads)",
+             host_line()]
     if device is not None:
         if device.startswith("cuda"):
             parts.append(f"device {device}: {torch.cuda.get_device_name(torch.device(device))}")
@@ -68,6 +69,21 @@ def machine_line(device: str | None = None, extra: str = "") -> str:
     if extra:
         parts.append(extra)
     return "machine: " + ", ".join(parts)
+
+
+def host_line() -> str:
+    """The ComfyUI release and commit the figures ran on."""
+    import subprocess
+
+    from facestudio_testing.bootstrap import host_dir
+
+    version = "?"
+    for line in (host_dir() / "comfyui_version.py").read_text().splitlines():
+        if line.startswith("__version__"):
+            version = line.split("=", 1)[1].strip().strip("\"'")
+    commit = subprocess.run(["git", "-C", str(host_dir()), "rev-parse", "--short=8", "HEAD"], capture_output=True,
+                            text=True).stdout.strip() or "unknown commit"
+    return f"ComfyUI {version} ({commit})"
 
 
 def markdown_table(headers: list[str], rows: list[list]) -> str:
