@@ -78,7 +78,8 @@ link_pack_into_host() {
     local nodes_dir="$COMFYUI_DIR/custom_nodes" here
     mkdir -p "$nodes_dir"
     for here in "$nodes_dir"/*; do
-        [ -e "$here" ] && [ "$(cd "$here" && pwd -P)" = "$(cd "$FACESTUDIO_ROOT" && pwd -P)" ] && return 0
+        # Folders only: custom_nodes also holds files (example_node.py.example), which `cd` cannot enter.
+        [ -d "$here" ] && [ "$(cd "$here" && pwd -P)" = "$(cd "$FACESTUDIO_ROOT" && pwd -P)" ] && return 0
     done
     ln -s "$FACESTUDIO_ROOT" "$nodes_dir/ComfyUI-FaceStudio"
     log "linked the pack into $nodes_dir/ComfyUI-FaceStudio"
