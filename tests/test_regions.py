@@ -400,6 +400,13 @@ def two_person_graph(checkpoint: str, masks_to_persons: bool, swap: bool = False
                                                      "set_cond_area": "default"}, f"prompt{i}"))
     combined = g.add("ConditioningCombine", {"conditioning_1": [prompts[0], 0], "conditioning_2": [prompts[1], 0]})
     g.prompt[g["sampler"]]["inputs"]["positive"] = [combined, 0]
+    add_two_persons_and_apply(g, g.link("regions") if masks_to_persons else None, swap)
+    return g
+
+
+def add_two_persons_and_apply(g: graphs.Graph, masks: list | None, swap: bool) -> None:
+    """Persons from fs_regions_a.png and fs_regions_b.png (mask_index 0 and 1 of `masks`, or 1 and 0 with
+    `swap`; no region without masks), applied with FaceStudio Apply before the sampler."""
     persons = None
     for i, photo in enumerate(("fs_regions_a.png", "fs_regions_b.png")):
         g.add("FaceStudioFaceAnalyzerLoader", {"pack": fm.TINY_PACK, "provider": "CPU", "det_size": 640},
@@ -410,15 +417,14 @@ def two_person_graph(checkpoint: str, masks_to_persons: bool, swap: bool = False
                                            "outlier_threshold": 0.4}, f"identity{i}")
         inputs = {"identity": g.link(f"identity{i}"), "weight": 1.0, "start": 0.0, "end": 1.0,
                   "mask_index": (1 - i) if swap else i}
-        if masks_to_persons:
-            inputs["mask"] = g.link("regions")
+        if masks is not None:
+            inputs["mask"] = masks
         if persons is not None:
             inputs["persons"] = persons
         persons = [g.add("FaceStudioPerson", inputs), 0]
     loader = g.add("FaceStudioAdapterLoader", {"adapter_name": FACEID, "kind": "auto"})
     g.insert_model_node("FaceStudioApply", {"adapter": [loader, 0], "persons": persons, "alpha": 0.5,
                                             "style_weight": 1.0})
-    return g
 
 
 def test_split_regions_route_two_persons_and_per_person_prompts(comfy_host, sampling):
@@ -750,22 +756,7 @@ def segments_graph(checkpoint: str, real_pack: str, layout: str, key: str, direc
         regions = regions_node("segments", 2, segments=g.link("segments"))["inputs"]
         g.add("FaceStudioRegions", {**regions, "image": g.link("layout"), "face_analyzer": g.link("real")}, "regions")
         masks = g.link("regions")
-    persons = None
-    for i, photo in enumerate(("fs_regions_a.png", "fs_regions_b.png")):
-        g.add("FaceStudioFaceAnalyzerLoader", {"pack": fm.TINY_PACK, "provider": "CPU", "det_size": 640},
-              f"analyzer{i}")
-        g.add("LoadImage", {"image": photo}, f"photo{i}")
-        g.add("FaceStudioIdentityEncode", {"face_analyzer": g.link(f"analyzer{i}"), "image": g.link(f"photo{i}"),
-                                           "face": "largest", "index": 0, "on_missing": "error",
-                                           "outlier_threshold": 0.4}, f"identity{i}")
-        inputs = {"identity": g.link(f"identity{i}"), "weight": 1.0, "start": 0.0, "end": 1.0,
-                  "mask_index": (1 - i) if swap else i, "mask": masks}
-        if persons is not None:
-            inputs["persons"] = persons
-        persons = [g.add("FaceStudioPerson", inputs), 0]
-    loader = g.add("FaceStudioAdapterLoader", {"adapter_name": FACEID, "kind": "auto"})
-    g.insert_model_node("FaceStudioApply", {"adapter": [loader, 0], "persons": persons, "alpha": 0.5,
-                                            "style_weight": 1.0})
+    add_two_persons_and_apply(g, masks, swap)
     return g
 
 
