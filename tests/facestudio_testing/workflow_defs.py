@@ -298,6 +298,28 @@ def stylized_portrait() -> Workflow:
     )
 
 
+TWO_PEOPLE_TITLES = {"identity0_photo": "Photo of person 0 (left)", "identity1_photo": "Photo of person 1 (right)",
+                     "layout": "Layout photo (two people)", "prompt0": "Prompt of person 0",
+                     "prompt1": "Prompt of person 1"}
+
+
+def _two_people_groups(place: str, sample_note: str, pick_note: str = "") -> list[Group]:
+    """Groups 3-5 of the two-people workflows (the people, their prompts, Apply and sample); `place` is
+    what each person is bound to ("region", "silhouette")."""
+    return [
+        Group("3. The people", COLORS["faces"], ["identity0_photo", "identity0", "person0", "identity1_photo",
+                                                  "identity1", "person1"],
+              f"Person 0 gets mask_index 0 (left {place}), person 1 mask_index 1 (right)."),
+        Group("4. Per-person prompts", COLORS["prompt"],
+              ["positive", "negative", "prompt0", "mask0_image", "mask0_pick", "mask0", "prompt0_region",
+               "combine0", "prompt1", "mask1_image", "mask1_pick", "mask1", "prompt1_region", "combine1"],
+              f"The whole-image prompt plus each person's own prompt inside their {place} "
+              f"(ConditioningSetMask).{pick_note}"),
+        Group("5. Apply and sample", COLORS["sample"], ["apply", "latent", "sampler", "decode", "save"],
+              f"FaceStudio Apply routes each person's identity to their {place}, in one attention pass. "
+              + sample_note)]
+
+
 def two_people(number: int = 3, base: str = "SD1.5") -> Workflow:
     checkpoint, adapter, models_note, sample_note, prefix, title = BASES[base]
     on, titles = _on_base(base)
@@ -323,21 +345,9 @@ def two_people(number: int = 3, base: str = "SD1.5") -> Workflow:
                "every pixel to the nearest face; 'columns' needs no layout photo. Its preview shows whose "
                "region is where. The layout photo is any picture with the two people placed as you want "
                "them; its aspect ratio should match the latent's."),
-         Group("3. The people", COLORS["faces"], ["identity0_photo", "identity0", "person0", "identity1_photo",
-                                                   "identity1", "person1"],
-               "Person 0 gets mask_index 0 (left region), person 1 mask_index 1 (right)."),
-         Group("4. Per-person prompts", COLORS["prompt"],
-               ["positive", "negative", "prompt0", "mask0_image", "mask0_pick", "mask0", "prompt0_region",
-                "combine0", "prompt1", "mask1_image", "mask1_pick", "mask1", "prompt1_region", "combine1"],
-               "The whole-image prompt plus each person's own prompt inside their region (ConditioningSetMask). "
-               "Mask i is taken from the Regions batch with MaskToImage -> ImageFromBatch (batch_index i) -> "
-               "ImageToMask."),
-         Group("5. Apply and sample", COLORS["sample"], ["apply", "latent", "sampler", "decode", "save"],
-               "FaceStudio Apply routes each person's identity to their region, in one attention pass. "
-               + sample_note)],
-        {"identity0_photo": "Photo of person 0 (left)", "identity1_photo": "Photo of person 1 (right)",
-         "layout": "Layout photo (two people)", "prompt0": "Prompt of person 0", "prompt1": "Prompt of person 1",
-         **titles},
+         *_two_people_groups("region", sample_note, " Mask i is taken from the Regions batch with MaskToImage "
+                                                    "-> ImageFromBatch (batch_index i) -> ImageToMask.")],
+        {**TWO_PEOPLE_TITLES, **titles},
         base,
     )
 
@@ -372,20 +382,9 @@ def two_people_sam3(number: int = 11) -> Workflow:
                "'segments' matches each mask to the face in it and numbers them left to right (mask 0 = left); "
                "its report says which masks were dropped (no face) or split (two faces). The layout photo's "
                "aspect ratio should match the latent's."),
-         Group("3. The people", COLORS["faces"], ["identity0_photo", "identity0", "person0", "identity1_photo",
-                                                   "identity1", "person1"],
-               "Person 0 gets mask_index 0 (left silhouette), person 1 mask_index 1 (right)."),
-         Group("4. Per-person prompts", COLORS["prompt"],
-               ["positive", "negative", "prompt0", "mask0_image", "mask0_pick", "mask0", "prompt0_region",
-                "combine0", "prompt1", "mask1_image", "mask1_pick", "mask1", "prompt1_region", "combine1"],
-               "The whole-image prompt plus each person's own prompt inside their silhouette "
-               "(ConditioningSetMask)."),
-         Group("5. Apply and sample", COLORS["sample"], ["apply", "latent", "sampler", "decode", "save"],
-               "FaceStudio Apply routes each person's identity to their silhouette, in one attention pass. "
-               + SAMPLE_NOTE)],
-        {"identity0_photo": "Photo of person 0 (left)", "identity1_photo": "Photo of person 1 (right)",
-         "layout": "Layout photo (two people)", "prompt0": "Prompt of person 0", "prompt1": "Prompt of person 1",
-         "sam3": "SAM3 (segmentation)", "sam3_prompt": "What to segment", "segment": "SAM3 Detect"},
+         *_two_people_groups("silhouette", SAMPLE_NOTE)],
+        {**TWO_PEOPLE_TITLES, "sam3": "SAM3 (segmentation)", "sam3_prompt": "What to segment",
+         "segment": "SAM3 Detect"},
         requires=("SAM3_Detect",),
     )
 
