@@ -38,6 +38,7 @@ class ComfyServer:
         self.log_path = self.base / "server.log"
         self.startup_timeout = startup_timeout
         self.process: subprocess.Popen | None = None
+        self._node_types: set[str] | None = None
 
     @property
     def models(self) -> Path:
@@ -97,7 +98,7 @@ class ComfyServer:
 
     def node_types(self) -> set[str]:
         """Every node type the server defines (/object_info), read once."""
-        if getattr(self, "_node_types", None) is None:
+        if self._node_types is None:
             self._node_types = set(self.get_json("/object_info"))
         return self._node_types
 
