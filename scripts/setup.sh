@@ -130,17 +130,26 @@ setup_venv() {
     echo "$stamp" >"$stamp_file"
 }
 
+# scripts/NAME_cpu_shim.py as a start-up hook of the venv (a module and the .pth line that imports it).
+startup_shim_base() {
+    printf '%s/facestudio_%s_cpu_shim\n' "$("$FACESTUDIO_PY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')" "$1"
+}
+remove_startup_shim() { local base; base="$(startup_shim_base "$1")"; rm -f "$base.pth" "$base.py"; }
+install_startup_shim() {
+    local base
+    base="$(startup_shim_base "$1")"
+    cp "$FACESTUDIO_ROOT/scripts/$1_cpu_shim.py" "$base.py"
+    echo "import facestudio_$1_cpu_shim" >"$base.pth"
+}
+
 install_torchvision_shim_if_needed() {
-    local site
-    site="$("$FACESTUDIO_PY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
-    rm -f "$site/facestudio_torchvision_cpu_shim.pth" "$site/facestudio_torchvision_cpu_shim.py"
+    remove_startup_shim torchvision
     if "$FACESTUDIO_PY" -c 'import torchvision' >/dev/null 2>&1; then
         return
     fi
     # A CUDA-built torchvision beside CPU torch cannot load its ops library; see the shim's docstring.
     log "torchvision cannot load its compiled ops with this torch; installing the start-up shim"
-    cp "$FACESTUDIO_ROOT/scripts/torchvision_cpu_shim.py" "$site/facestudio_torchvision_cpu_shim.py"
-    echo "import facestudio_torchvision_cpu_shim" >"$site/facestudio_torchvision_cpu_shim.pth"
+    install_startup_shim torchvision
     "$FACESTUDIO_PY" -c 'import torchvision' || { log "torchvision still fails to import"; return 1; }
 }
 
@@ -149,9 +158,8 @@ install_torchvision_shim_if_needed() {
 # one matching the installed torch, else the newest (without its pinned torch, which would replace
 # ours), plus the shim when its compiled extension then cannot load (scripts/torchaudio_cpu_shim.py).
 install_torchaudio() {
-    local site torch_minor
-    site="$("$FACESTUDIO_PY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
-    rm -f "$site/facestudio_torchaudio_cpu_shim.pth" "$site/facestudio_torchaudio_cpu_shim.py"
+    local torch_minor
+    remove_startup_shim torchaudio
     "$FACESTUDIO_PY" -c 'import torchaudio' >/dev/null 2>&1 && return
     torch_minor="$("$FACESTUDIO_PY" -c 'import torch; print(".".join(torch.__version__.split("+")[0].split(".")[:2]))')"
     pip_quiet install -q --disable-pip-version-check --no-deps "torchaudio==$torch_minor.*" 2>/dev/null \
@@ -159,8 +167,7 @@ install_torchaudio() {
         || { log "could not install torchaudio, which ComfyUI imports at start-up"; return 1; }
     "$FACESTUDIO_PY" -c 'import torchaudio' >/dev/null 2>&1 && return
     log "torchaudio's compiled extension cannot load with torch $torch_minor; installing the start-up shim"
-    cp "$FACESTUDIO_ROOT/scripts/torchaudio_cpu_shim.py" "$site/facestudio_torchaudio_cpu_shim.py"
-    echo "import facestudio_torchaudio_cpu_shim" >"$site/facestudio_torchaudio_cpu_shim.pth"
+    install_startup_shim torchaudio
     "$FACESTUDIO_PY" -c 'import torchaudio, torchaudio.functional, torchaudio.transforms' \
         || { log "torchaudio still fails to import"; return 1; }
 }
