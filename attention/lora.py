@@ -6,6 +6,8 @@ self-attention, 2n + 1 for its cross-attention) and ship the same weights as
 '<adapter>_lora.safetensors' for LoRA loaders. We take them from the adapter file when it has them,
 else from that paired file in models/loras, and hand them to the host's own LoRA code under its key
 names, so the patches are ordinary host LoRA patches that combine with any other LoRA.
+FaceID, FaceID Plus and Plus v2 get it (Apply's lora_strength, 1.0 as in the reference); when it is
+in neither place the adapter runs without it and Apply reports where it looked. Portrait has none.
 """
 from __future__ import annotations
 
@@ -13,12 +15,16 @@ import os
 
 import torch
 
-from .adapters import AdapterError, IPAdapterWeights
+from .adapters import AdapterError, AdapterKind, IPAdapterWeights
 from .layers import AttentionPosition
 
 # (the adapter's name, the host module's name) of each projection the LoRA changes.
 LORA_PROJECTIONS = (("to_q", "to_q"), ("to_k", "to_k"), ("to_v", "to_v"), ("to_out", "to_out.0"))
 PAIRED_SUFFIX = "_lora.safetensors"
+# The kinds trained with the LoRA (the reference applies it at lora_scale 1.0); Portrait has none by design.
+LORA_KINDS = frozenset({AdapterKind.FACEID, AdapterKind.FACEID_PLUS, AdapterKind.FACEID_PLUS_V2})
+# model_options entry naming the FaceID LoRAs an Apply already put on the MODEL ({key: strength}).
+APPLIED_LORAS = "facestudio_loras"
 
 
 def paired_lora_name(adapter: IPAdapterWeights) -> str:
@@ -82,18 +88,35 @@ def lora_patches(model, state_dict: dict[str, torch.Tensor], source: str) -> dic
     return patches
 
 
-def faceid_lora(model, adapter: IPAdapterWeights, positions: tuple[AttentionPosition, ...]) -> tuple[dict, str]:
-    """(the host's patches, where they came from) for the adapter's LoRA: its own weights, else the paired file."""
+def faceid_lora(model, adapter: IPAdapterWeights,
+                positions: tuple[AttentionPosition, ...]) -> tuple[dict | None, str]:
+    """(the host's patches, where they came from) for the adapter's LoRA: its own weights, else the paired
+    file. (None, a report saying where we looked) when neither exists: the adapter then runs without it."""
     state = embedded_lora_state_dict(adapter, positions)
     source = f"the LoRA inside {adapter.source}"
     if not state:
         path = find_paired_lora(adapter)
         if path is None:
-            raise AdapterError(f"lora_strength is above 0 but {adapter.source} has no LoRA weights and "
-                               f"'{paired_lora_name(adapter)}' is not in models/loras. Put the LoRA released with "
-                               "this adapter there (same name), or set lora_strength to 0 (Portrait adapters have "
-                               "no LoRA).")
+            return None, missing_lora_report(adapter)
         import comfy.utils
 
         state, source = comfy.utils.load_torch_file(path, safe_load=True), os.path.basename(path)
     return lora_patches(model, state, source), source
+
+
+def missing_lora_report(adapter: IPAdapterWeights) -> str:
+    """What FaceStudio Apply reports when a FaceID adapter's LoRA is nowhere to be found."""
+    import folder_paths
+
+    folders = ", ".join(folder_paths.get_folder_paths("loras")) or "(no loras folder configured)"
+    return (f"FaceID LoRA not applied: {adapter.source} ({adapter.kind.label}) has no LoRA weights (no "
+            f"'<n>.to_q_lora.down.weight' keys in its ip_adapter section) and '{paired_lora_name(adapter)}' is not "
+            f"in the loras folders ({folders}). The adapter works without it, but the likeness is weaker: put the "
+            "LoRA released with this adapter there under that name, or set lora_strength to 0 if you load it with "
+            "a LoRA loader yourself.")
+
+
+def applied_lora_key(adapter: IPAdapterWeights) -> str:
+    """Which LoRA an Apply put on a MODEL (its release name, the same for the .bin and its conversions), so
+    a chained Apply with the same adapter does not add it a second time."""
+    return paired_lora_name(adapter)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import logging
 import threading
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -29,7 +30,7 @@ import torch
 from .adapters import AdapterError, AdapterKind, IPAdapterWeights
 from .controls import scale_kv, style_layer_scales
 from .layers import cross_attention_positions, map_adapter_layers
-from .lora import faceid_lora
+from .lora import APPLIED_LORAS, LORA_KINDS, applied_lora_key, faceid_lora
 from .projection import (
     identity_tokens,
     layer_kvs,
@@ -48,7 +49,8 @@ STORE_KEY = "facestudio_tokens"  # the MODEL's additional_models entry for the T
 @dataclass(frozen=True, eq=False)
 class Person:
     """One person for FaceStudio Apply: an identity, where (mask), how strongly and when (0..1 of sampling).
-    `negative`: an identity whose tokens replace the unconditional ones (CFG pushes away from it)."""
+    `negative`: an identity whose tokens replace the unconditional ones (CFG pushes away from it).
+    `shortcut_scale`: FaceID Plus v2's s_scale for this person (cond and uncond tokens); other kinds ignore it."""
 
     identity: object  # encoders.identity.FaceIdentity
     mask: torch.Tensor | None = None  # [1, h, w] soft, or None for the whole image
@@ -56,10 +58,12 @@ class Person:
     start: float = 0.0
     end: float = 1.0
     negative: object | None = None
+    shortcut_scale: float = 1.0  # FaceID Plus v2 only: out = x + shortcut_scale * resampler(x, clip)
 
 
 def add_person(persons: Sequence[Person] | None, identity, mask: torch.Tensor | None = None, mask_index: int = 0,
-               weight: float = 1.0, start: float = 0.0, end: float = 1.0, negative=None) -> tuple[Person, ...]:
+               weight: float = 1.0, start: float = 0.0, end: float = 1.0, negative=None,
+               shortcut_scale: float = 1.0) -> tuple[Person, ...]:
     """A new tuple: `persons` (never changed) plus this person. `mask` is a MASK batch; mask_index picks one."""
     if not 0.0 <= start <= end <= 1.0:
         raise ValueError(f"start and end must satisfy 0 <= start <= end <= 1, got start {start}, end {end}")
@@ -76,7 +80,8 @@ def add_person(persons: Sequence[Person] | None, identity, mask: torch.Tensor | 
             raise ValueError(f"mask_index {mask_index} selects an all zero (empty) mask: this person would not appear "
                              "anywhere. Paint the person's region white, pick another mask_index, or disconnect the "
                              "mask to use the whole image.")
-    return tuple(persons or ()) + (Person(identity, mask, float(weight), float(start), float(end), negative),)
+    return tuple(persons or ()) + (Person(identity, mask, float(weight), float(start), float(end), negative,
+                                          float(shortcut_scale)),)
 
 
 @dataclass(frozen=True, eq=False)
@@ -281,25 +286,27 @@ class FaceStudioAttention:
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extra_options: dict) -> torch.Tensor:
         heads = extra_options["n_heads"]
-        if self.wrapped is not None:
-            a_text = self.wrapped(q, k, v, extra_options)
-        else:
-            a_text = _host_attention(q, k, v, heads, extra_options)
+        # A wrapped foreign replacement's output (A_text + its own contribution) is passed on unscaled;
+        # alpha only ever scales the plain text attention, and only where a style acts (routing.py).
+        foreign = self.wrapped(q, k, v, extra_options) if self.wrapped is not None else None
+        a_text = _host_attention(q, k, v, heads, extra_options) if foreign is None else None
         chunks = list(extra_options.get("cond_or_uncond") or [0])
         batch = q.shape[0] // len(chunks)
         activity = self._activity(extra_options.get("sigmas"), batch)
         if self.style is None and (not self.persons or (activity is not None and activity.device.type == "cpu"
                                                         and not activity.any())):
-            return a_text
+            return a_text if foreign is None else foreign
         cond, uncond = self.token_groups(heads)
+        groups = [uncond if c == 1 else cond for c in chunks]
+        if foreign is not None and text_gain(self.alpha) != 1.0 and any(g.style_acts for g in groups):
+            a_text = _host_attention(q, k, v, heads, extra_options)  # the text alone, for alpha to scale
         shape = extra_options.get("original_shape")
         latent_hw = tuple(int(x) for x in shape[-2:]) if shape is not None else (q.shape[1], 1)
         regions = self._region_weights(cond, latent_hw, q.shape[1], batch, q.device, activity)
         precision = extra_options.get("attn_precision") or torch.float32
         if precision not in (torch.float32, torch.float64):
             precision = torch.float32  # scores in fp32 at least: half-precision softmax over tokens overflows
-        return route_chunks(q, a_text, [uncond if c == 1 else cond for c in chunks], regions, alpha=self.alpha,
-                            precision=precision)
+        return route_chunks(q, a_text, groups, regions, alpha=self.alpha, precision=precision, wrapped=foreign)
 
 
 # --- building from an adapter and identities ------------------------------------------------------
@@ -337,13 +344,15 @@ def _identity_inputs(adapter: IPAdapterWeights, identity, what: str = "The ident
 
 def _person_tokens(adapter: IPAdapterWeights, module, person: Person) -> tuple[torch.Tensor, torch.Tensor]:
     """(cond, uncond) identity tokens: uncond from a zero embedding (and zero-image CLIP features),
-    or the person's negative identity."""
+    or the person's negative identity. Both sides with the person's own shortcut scale (FaceID Plus v2;
+    the reference's get_image_embeds passes the same s_scale to both)."""
     emb, clip, uncond_clip, shots = _identity_inputs(adapter, person.identity)
-    cond = identity_tokens(adapter, emb, clip, module=module)
+    scale = person.shortcut_scale
+    cond = identity_tokens(adapter, emb, clip, scale, module=module)
     if person.negative is not None:
         n_emb, n_clip, _, _ = _identity_inputs(adapter, person.negative, "The negative identity")
-        return cond, identity_tokens(adapter, n_emb, n_clip, module=module)
-    return cond, unconditional_identity_tokens(adapter, uncond_clip, shots=shots, module=module)
+        return cond, identity_tokens(adapter, n_emb, n_clip, scale, module=module)
+    return cond, unconditional_identity_tokens(adapter, uncond_clip, scale, shots=shots, module=module)
 
 
 def _style_features(adapter: IPAdapterWeights, style, what: str) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -374,11 +383,14 @@ def _sigma(model, percent: float) -> float:
 def apply_facestudio(model, adapter: IPAdapterWeights, persons: Sequence[Person], alpha: float = 0.5,
                      style_adapter: IPAdapterWeights | None = None, style=None, style_weight: float = 1.0,
                      negative_style=None, lora_strength: float = 0.0, embeds_scaling: str = "V only",
-                     style_blocks: str = "all", style_block_weights: str = "", unfold_batch: bool = False):
+                     style_blocks: str = "all", style_block_weights: str = "", unfold_batch: bool = False,
+                     reports: list[str] | None = None):
     """A clone of `model` with FaceStudio's routed attention at every cross-attention position.
 
     negative_style: a StyleEncoding whose tokens replace the style's unconditional ones.
-    lora_strength: above 0, the FaceID LoRA trained with `adapter` is added to the clone (attention/lora.py).
+    lora_strength: above 0, the FaceID LoRA trained with `adapter` (FaceID, Plus, Plus v2) is added to the
+    clone (attention/lora.py), once per MODEL: a chained Apply finding it there does not add it again. When
+    it is nowhere to be found the clone runs without it, and the report is logged and appended to `reports`.
     embeds_scaling, style_blocks, style_block_weights: see attention/controls.py.
     unfold_batch: latent b of the batch gets person b (mod the number of persons) only."""
     if not adapter.is_identity:
@@ -419,11 +431,19 @@ def apply_facestudio(model, adapter: IPAdapterWeights, persons: Sequence[Person]
             uncond = unconditional_style_tokens(style_adapter, zero, smodule)
         style_kv = tuple(layer_kvs(style_adapter, [style_tokens(style_adapter, features, smodule), uncond]))
 
-    lora = faceid_lora(model, adapter, positions)[0] if lora_strength else None
+    lora, lora_key = None, applied_lora_key(adapter)
+    applied = model.model_options.get(APPLIED_LORAS, {})
+    if lora_strength and adapter.kind in LORA_KINDS and lora_key not in applied:
+        lora, lora_report = faceid_lora(model, adapter, positions)
+        if lora is None:
+            logging.getLogger(__name__).warning("FaceStudio Apply: %s", lora_report)
+            if reports is not None:
+                reports.append(lora_report)
 
     clone = model.clone()
     if lora is not None:
         clone.add_patches(lora, float(lora_strength))
+        clone.model_options[APPLIED_LORAS] = {**applied, lora_key: float(lora_strength)}
     existing = clone.model_options.get("transformer_options", {}).get("patches_replace", {}).get("attn2", {})
     patches = []
     for n, layer in enumerate(mapped):

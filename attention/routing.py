@@ -2,10 +2,18 @@
 
 Per cross-attention layer, with already projected queries q and text attention A_text:
 
-    out(x) = t(alpha) * A_text(x) + g(alpha) * s * A_style(x) + R(x)
+    out(x) = F(x) + t_l(alpha) * A_text(x) + g(alpha) * s * A_style(x) + R(x)
     R(x)   = sum_i w_hat_i(x) * softmax(q K_i^T / sqrt(d)) V_i      (softmax over person i's tokens only)
     w_hat_i(x) = w_i * m_i(x) / max(1, sum_j m_j(x))
     t(alpha) = min(1, 2 (1 - alpha)),  g(alpha) = min(1, 2 alpha)
+    t_l(alpha) = t(alpha) where a style acts at the layer (a style with a non-zero scale s), else 1
+
+alpha is the text / style-image balance only: where no style acts (none connected, style_weight 0,
+or a block the style is not applied to) the text is never scaled and alpha changes nothing at all.
+F(x) is the contribution of a foreign attn2 replacement the patch wraps (another pack's IP-Adapter):
+it is never scaled. Such a replacement returns A_text + F in one tensor, so `route` takes that output
+as `wrapped` and adds it as is, plus (t_l - 1) * A_text with A_text the host's plain text attention,
+which the patch computes separately only where t_l != 1 (a style acting and alpha > 0.5).
 
 Masks weight each person's output after its own softmax, never the logits: a mask of 0 gives an
 exact 0 contribution, so rows outside every region are exactly A_text (+ style).
@@ -34,6 +42,7 @@ __all__ = [
     "route",
     "route_chunks",
     "text_gain",
+    "layer_text_gain",
     "style_gain",
     "token_grid",
     "find_downscale",
@@ -45,6 +54,12 @@ def text_gain(alpha: float) -> float:
     """t(alpha) = min(1, 2(1 - alpha)): full text strength up to alpha = 0.5."""
     _check_alpha(alpha)
     return min(1.0, 2.0 * (1.0 - alpha))
+
+
+def layer_text_gain(groups: "TokenGroups", alpha: float) -> float:
+    """The text's gain at a layer: t(alpha) where a style acts there (`groups.style_acts`), else exactly 1."""
+    t = text_gain(alpha)
+    return t if groups.style_acts else 1.0
 
 
 def style_gain(alpha: float) -> float:
@@ -141,6 +156,11 @@ class TokenGroups:
         return len(self.lengths)
 
     @property
+    def style_acts(self) -> bool:
+        """A style with a non-zero scale is among the segments (only then does alpha scale the text)."""
+        return self.style_scale is not None and self.style_scale != 0.0
+
+    @property
     def segment_length(self) -> int:
         return self.keys.shape[2] // max(1, self.segments)
 
@@ -199,29 +219,38 @@ class TokenGroups:
 
 def route(
     q: torch.Tensor,
-    a_text: torch.Tensor,
+    a_text: torch.Tensor | None,
     groups: TokenGroups,
     regions: torch.Tensor | Sequence[torch.Tensor | None] | None = None,
     *,
     alpha: float = 0.5,
     precision: torch.dtype = torch.float32,
+    wrapped: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """t(alpha)*A_text + g(alpha)*s*A_style + R for one layer call.
+    """[wrapped] + t_l(alpha)*A_text + g(alpha)*s*A_style + R for one layer call (see the module docstring).
 
     q:       [B, Nq, H*d] projected queries (heads flattened, as optimized_attention takes them).
-    a_text:  [B, Nq, H*d] the layer's text attention, before to_out.
+    a_text:  [B, Nq, H*d] the layer's plain text attention, before to_out. With `wrapped` it only
+             supplies the (t_l - 1) * A_text correction and may be None where t_l is 1
+             (`layer_text_gain(groups, alpha) == 1`: no style acting, or alpha <= 0.5).
     groups:  TokenGroups for these rows (K batch 1 or B). For CFG with different cond/uncond
              tokens, see `route_chunks`.
     regions: `groups.region_weights(masks)` ([1 or B, Nq or 1, P]), or the masks themselves, or None
              (every person on the whole image).
     precision: dtype of the scores, softmax and products; the result is cast back to q's dtype.
+    wrapped: [B, Nq, H*d] the output of a foreign replacement the patch wraps, i.e. A_text plus that
+             pack's own contribution: added unscaled, whatever alpha.
     """
     b, nq, inner = q.shape
-    if a_text.shape != q.shape:
-        raise ValueError(f"a_text {tuple(a_text.shape)} must match q {tuple(q.shape)}")
-    t, g = text_gain(alpha), style_gain(alpha)
-    if groups.segments == 0:
-        return (a_text.to(precision) * t).to(q.dtype)
+    t, g = layer_text_gain(groups, alpha), style_gain(alpha)
+    for name, x in (("a_text", a_text), ("wrapped", wrapped)):
+        if x is not None and x.shape != q.shape:
+            raise ValueError(f"{name} {tuple(x.shape)} must match q {tuple(q.shape)}")
+    if a_text is None and (wrapped is None or t != 1.0):
+        raise ValueError("route needs a_text (the plain text attention) unless a wrapped output is given and "
+                         "no style scales the text at this layer")
+    if groups.segments == 0:  # nothing routed, no style: t is 1
+        return (a_text if wrapped is None else wrapped).to(q.dtype)
     heads = groups.heads
     if inner != heads * groups.keys.shape[3]:
         raise ValueError(f"q width {inner} does not match the tokens' {heads * groups.keys.shape[3]}")
@@ -251,35 +280,50 @@ def route(
     # P^T V as a transposed operand (no copy); the sum over tokens also sums over persons.
     out = torch.matmul(probs.view(b, heads, seg * tok, nq).transpose(-1, -2), grp.values)  # [B, H, Nq, d]
     out = out.transpose(1, 2).reshape(b, nq, inner)
-    if torch.promote_types(a_text.dtype, precision) != precision:
-        a_text = a_text.to(precision)
-    return out.add_(a_text, alpha=t).to(q.dtype)
+    if wrapped is None:
+        out.add_(_in(a_text, precision), alpha=t)
+    else:
+        # The foreign output already holds A_text once: add it as is, then only the text's change.
+        out.add_(_in(wrapped, precision))
+        if t != 1.0:
+            out.add_(_in(a_text, precision), alpha=t - 1.0)
+    return out.to(q.dtype)
+
+
+def _in(x: torch.Tensor, precision: torch.dtype) -> torch.Tensor:
+    return x if torch.promote_types(x.dtype, precision) == precision else x.to(precision)
 
 
 def route_chunks(
     q: torch.Tensor,
-    a_text: torch.Tensor,
+    a_text: torch.Tensor | None,
     groups: Sequence[TokenGroups],
     regions: torch.Tensor | Sequence[torch.Tensor | None] | None = None,
     *,
     alpha: float = 0.5,
     precision: torch.dtype = torch.float32,
+    wrapped: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """`route` for a batch made of len(groups) equal chunks, chunk c using groups[c].
 
     This is ComfyUI's CFG layout: the rows are cond_or_uncond chunks in order, so the patch passes
     e.g. [cond if c == 0 else uncond for c in extra_options["cond_or_uncond"]]. `regions` (or masks)
-    are per chunk ([1 or B/len(groups), ...]) and shared by every chunk. One `route` per chunk: the
-    op count grows with the number of chunks (at most 2 under CFG), never with persons.
+    are per chunk ([1 or B/len(groups), ...]) and shared by every chunk; `a_text` and `wrapped` are
+    split with the rows. One `route` per chunk: the op count grows with the number of chunks (at most
+    2 under CFG), never with persons.
     """
     n = len(groups)
     if n == 0 or q.shape[0] % n:
         raise ValueError(f"batch {q.shape[0]} cannot be split into {n} equal chunks")
     if n == 1:
-        return route(q, a_text, groups[0], regions, alpha=alpha, precision=precision)
+        return route(q, a_text, groups[0], regions, alpha=alpha, precision=precision, wrapped=wrapped)
+
+    def split(x):
+        return [None] * n if x is None else x.chunk(n)
+
     parts = [
-        route(qc, ac, gc, regions, alpha=alpha, precision=precision)
-        for qc, ac, gc in zip(q.chunk(n), a_text.chunk(n), groups)
+        route(qc, ac, gc, regions, alpha=alpha, precision=precision, wrapped=wc)
+        for qc, ac, gc, wc in zip(q.chunk(n), split(a_text), groups, split(wrapped))
     ]
     return torch.cat(parts)
 

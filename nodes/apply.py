@@ -31,14 +31,21 @@ class FaceStudioPerson(io.ComfyNode):
                 FaceStudioIdentity.Input("negative_identity", optional=True,
                                          tooltip="Optional: an identity to steer this person away from (it replaces "
                                                  "the neutral identity in the negative/unconditional pass)."),
+                io.Float.Input("faceid_v2_weight", default=1.0, min=-1.0, max=5.0, step=0.05, optional=True,
+                               tooltip="Acts only with FaceID Plus v2 adapters (ignored by the others): the weight "
+                                       "of the CLIP face-structure branch added to the ID tokens (the reference's "
+                                       "s_scale, IPAdapter Plus's weight_faceidv2). Higher keeps more of the "
+                                       "reference face's structure, lower leans on the identity embedding alone; "
+                                       "1.0 is the reference default, -1 to 5 the usual range."),
             ],
             outputs=[FaceStudioPersons.Output(display_name="persons", tooltip="The person list with this person added.")],
         )
 
     @classmethod
     def execute(cls, identity, weight: float, start: float, end: float, persons=None, mask=None,
-                mask_index: int = 0, negative_identity=None) -> io.NodeOutput:
-        return io.NodeOutput(add_person(persons, identity, mask, mask_index, weight, start, end, negative_identity))
+                mask_index: int = 0, negative_identity=None, faceid_v2_weight: float = 1.0) -> io.NodeOutput:
+        return io.NodeOutput(add_person(persons, identity, mask, mask_index, weight, start, end, negative_identity,
+                                        faceid_v2_weight))
 
 
 class FaceStudioApply(io.ComfyNode):
@@ -61,11 +68,14 @@ class FaceStudioApply(io.ComfyNode):
                 FaceStudioStyle.Input("style", optional=True, tooltip="Optional: from FaceStudio Encode Style."),
                 io.Float.Input("style_weight", default=1.0, min=0.0, max=2.0, step=0.01,
                                tooltip="Strength of the style image."),
-                io.Float.Input("lora_strength", default=0.0, min=0.0, max=2.0, step=0.01, optional=True,
-                               tooltip="FaceID and FaceID Plus adapters were trained with a LoRA: above 0 it is "
-                                       "applied at this strength (0.5-0.7 is usual), from the adapter file or its "
-                                       "paired '<adapter>_lora.safetensors' in models/loras. Leave at 0 if you "
-                                       "load that LoRA with a LoRA loader yourself."),
+                io.Float.Input("lora_strength", default=1.0, min=0.0, max=2.0, step=0.01, optional=True,
+                               tooltip="FaceID, FaceID Plus and Plus v2 adapters were trained with a LoRA: above 0 "
+                                       "it is applied at this strength (1.0 as in the reference; IPAdapter Plus "
+                                       "uses 0.6), from the adapter file or its paired "
+                                       "'<adapter>_lora.safetensors' in models/loras; if neither has it the model "
+                                       "runs without it and 'report' says where it looked. Once per model: a "
+                                       "chained Apply does not add it again. Portrait adapters have none. Set 0 "
+                                       "if you load that LoRA with a LoRA loader yourself."),
                 FaceStudioStyle.Input("negative_style", optional=True,
                                       tooltip="Optional: a style to steer away from (replaces the neutral image in "
                                               "the negative/unconditional pass); needs 'style'."),
@@ -84,13 +94,18 @@ class FaceStudioApply(io.ComfyNode):
                                  tooltip="With a batch of latents: latent i gets only person i (persons repeat when "
                                          "the batch is longer), instead of every person in every latent."),
             ],
-            outputs=[io.Model.Output(display_name="model", tooltip="The patched model.")],
+            outputs=[io.Model.Output(display_name="model", tooltip="The patched model."),
+                     io.String.Output(display_name="report",
+                                      tooltip="Empty when all went as set; else what was left out and why (e.g. a "
+                                              "FaceID LoRA found neither in the adapter file nor in models/loras).")],
         )
 
     @classmethod
     def execute(cls, model, adapter, persons, alpha: float, style_weight: float = 1.0, style_adapter=None,
-                style=None, negative_style=None, lora_strength: float = 0.0, embeds_scaling: str = "V only",
+                style=None, negative_style=None, lora_strength: float = 1.0, embeds_scaling: str = "V only",
                 style_blocks: str = "all", style_block_weights: str = "", unfold_batch: bool = False) -> io.NodeOutput:
-        return io.NodeOutput(apply_facestudio(model, adapter, persons, alpha, style_adapter, style, style_weight,
-                                              negative_style, lora_strength, embeds_scaling, style_blocks,
-                                              style_block_weights, unfold_batch))
+        reports: list[str] = []
+        patched = apply_facestudio(model, adapter, persons, alpha, style_adapter, style, style_weight, negative_style,
+                                   lora_strength, embeds_scaling, style_blocks, style_block_weights, unfold_batch,
+                                   reports=reports)
+        return io.NodeOutput(patched, "\n".join(reports))

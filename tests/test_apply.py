@@ -83,6 +83,57 @@ def test_a_foreign_replacement_is_wrapped_for_a_text_and_ours_are_merged(booted)
         ours.merged_with(patch_mod.FaceStudioAttention([layer], None, 0.7))
 
 
+def test_alpha_never_scales_a_wrapped_replacement_and_without_a_style_changes_nothing(booted, monkeypatch):
+    """A wrapped foreign replacement (text + its own contribution, here a constant 0.25) keeps its
+    contribution at full strength at every alpha; only the plain text attention is scaled, by
+    t(alpha) = min(1, 2(1 - alpha)), and only where a style acts. Before, the whole wrapped output was
+    scaled (0.2 x 0.25 at alpha 0.9), and without a style alpha weakened the text too."""
+    patch_mod = booted.pack_module("attention.patch")
+    from comfy.ldm.modules import attention
+
+    heads, c = 2, 16
+    gen = torch.Generator().manual_seed(21)
+    q = torch.randn(2, 16, c, generator=gen)
+    k, v = torch.randn(2, 6, c, generator=gen), torch.randn(2, 6, c, generator=gen)
+
+    def kv(tokens):
+        return torch.randn(1, tokens, c, generator=gen), torch.randn(1, tokens, c, generator=gen)
+
+    layer = patch_mod.PersonLayer(kv(4), kv(4), 1.0, 10.0, 0.0, None)
+    style = patch_mod.StyleLayer(kv(3), kv(3), 0.8)
+    extra = {"n_heads": heads, "cond_or_uncond": [0, 1], "sigmas": torch.tensor([1.0]),
+             "original_shape": [2, 4, 4, 4]}
+
+    def foreign(q, k, v, extra):
+        return attention.optimized_attention(q, k, v, extra["n_heads"]) + 0.25
+
+    host_calls = []
+    real_host = patch_mod._host_attention
+    monkeypatch.setattr(patch_mod, "_host_attention", lambda *a: host_calls.append(1) or real_host(*a))
+    text = attend(q, k, v, heads)
+    for alpha in (0.5, 0.9, 1.0):
+        host_calls.clear()
+        out = patch_mod.FaceStudioAttention([layer], style, alpha).wrapping(foreign)(q, k, v, extra)
+        t, g = min(1.0, 2 * (1 - alpha)), min(1.0, 2 * alpha)
+        assert len(host_calls) == (t != 1.0)  # the plain text, only when alpha scales it
+        for row, side in ((0, "cond"), (1, "uncond")):
+            rows = slice(row, row + 1)
+            expected = (0.25 + t * text[rows] + attend(q[rows], *getattr(layer, side), heads)
+                        + g * 0.8 * attend(q[rows], *getattr(style, side), heads))
+            torch.testing.assert_close(out[rows].double(), expected, atol=1e-5, rtol=0)
+
+    # No style: alpha changes nothing (bit-identical), wrapped or not, and no extra attention call.
+    for wrapped in (None, foreign):
+        outs = []
+        for alpha in (0.0, 0.5, 0.9, 1.0):
+            patch = patch_mod.FaceStudioAttention([layer], None, alpha)
+            outs.append((patch if wrapped is None else patch.wrapping(wrapped))(q, k, v, extra))
+        assert all(torch.equal(o, outs[0]) for o in outs[1:])
+    host_calls.clear()
+    patch_mod.FaceStudioAttention([layer], None, 0.9).wrapping(foreign)(q, k, v, extra)
+    assert host_calls == []
+
+
 CHUNK_ORDERS = ([0], [1], [0, 1], [1, 0], [0, 0, 1])
 
 
@@ -216,9 +267,12 @@ def person(g: graphs.Graph, ident: list, weight: float = 1.0, persons: list | No
 
 
 def apply(g: graphs.Graph, persons: list, adapter: str = FACEID, alpha: float = 0.5, style: bool = False,
-          style_weight: float = 1.0) -> str:
+          style_weight: float = 1.0, lora_strength: float | None = None) -> str:
+    """lora_strength None leaves the node's default (1.0: the FaceID LoRA acts)."""
     loader = g.add("FaceStudioAdapterLoader", {"adapter_name": adapter, "kind": "auto"})
     inputs = {"adapter": [loader, 0], "persons": persons, "alpha": alpha, "style_weight": style_weight}
+    if lora_strength is not None:
+        inputs["lora_strength"] = lora_strength
     if style:
         clip = g.add("CLIPVisionLoader", {"clip_name": clip_models.VITL_NAME})
         image = g.add("LoadImage", {"image": "fs_apply_style.png"})
@@ -244,7 +298,8 @@ def test_weight_zero_is_bit_identical_and_weight_one_changes_the_latent(comfy_ho
     latents = {}
     for weight in (0.0, 1.0):
         g = base(setup)
-        apply(g, person(g, identity(g, "fs_apply_a.png", "a"), weight))
+        node = apply(g, person(g, identity(g, "fs_apply_a.png", "a"), weight))
+        g.prompt[node]["inputs"]["lora_strength"] = 0.0  # weight 0 is about the identity; the LoRA now defaults to 1
         latents[weight] = run_latent(comfy_host, g)
     assert torch.equal(latents[0.0], plain)
     assert (latents[1.0] - plain).abs().max() > 1e-3
@@ -322,6 +377,21 @@ def test_alpha_zero_with_a_style_equals_no_style(comfy_host, setup):
     without = latent()
     torch.testing.assert_close(latent(style=True, alpha=0.0), without, atol=1e-6, rtol=0)
     assert (latent(style=True, alpha=0.5) - without).abs().max() > 1e-3
+
+
+def test_without_a_style_alpha_changes_nothing(comfy_host, setup):
+    """alpha balances text against the style image; with no style it must not weaken the prompt."""
+    def latent(**settings):
+        g = base(setup, seed=4)
+        apply(g, person(g, identity(g, "fs_apply_a.png", "a")), **settings)
+        return run_latent(comfy_host, g)
+
+    half = latent(alpha=0.5)
+    assert torch.equal(latent(alpha=0.9), half)
+    assert torch.equal(latent(alpha=1.0), half)
+    # A style at weight 0 acts nowhere: alpha leaves the text alone there too (rounding aside, the
+    # zero-weighted style tokens join the same products).
+    torch.testing.assert_close(latent(alpha=0.9, style=True, style_weight=0.0), half, atol=1e-6, rtol=0)
 
 
 def test_changing_only_apply_settings_and_requeuing_equals_a_fresh_run(comfy_host, setup):

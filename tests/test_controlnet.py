@@ -36,7 +36,8 @@ def graph(cn_setup, controlnet: bool, weight: float | None):
             "image": [image, 0], "strength": 1.0, "start_percent": 0.0, "end_percent": 1.0})
         g.prompt[g["sampler"]]["inputs"].update(positive=[applied, 0], negative=[applied, 1])
     if weight is not None:
-        apply(g, person(g, identity(g, "fs_apply_a.png", "a"), weight))
+        # weight 0 must leave the ControlNet result bit-identical: without the FaceID LoRA (default 1.0).
+        apply(g, person(g, identity(g, "fs_apply_a.png", "a"), weight), lora_strength=0.0 if weight == 0 else None)
     return g
 
 

@@ -56,23 +56,102 @@ def test_embeds_scaling_modes(mods, mode):
         controls.scale_kv(kv, 1.0, "K only")
 
 
+# cubiq's ComfyUI_IPAdapter_plus (IPAdapterPlus.py:307-320 at 9d076a3): weight_type sets as
+# {host transformer_index: multiplier}, written here from those lines, not from the code under test.
+CUBIQ_SETS = {
+    "SD1.5": {"style": {i: 1.0 for i in (0, 1, 2, 3, 9, 10, 11, 12, 13, 14, 15)},
+              "composition": {4: 0.25, 5: 1.0}},
+    "SDXL": {"style": {6: 1.0}, "composition": {3: 1.0}},
+}
+# The host's transformer_index counts SpatialTransformers in execution order (input, middle, output).
+SD15_EXECUTION_ORDER = [("input", 1), ("input", 2), ("input", 4), ("input", 5), ("input", 7), ("input", 8),
+                        ("middle", 0)] + [("output", i) for i in range(3, 12)]
+SDXL_EXECUTION_ORDER = [("input", 4), ("input", 5), ("input", 7), ("input", 8), ("middle", 0)] + [
+    ("output", i) for i in range(6)]
+SDXL_DEPTH = {("input", 4): 2, ("input", 5): 2, ("input", 7): 10, ("input", 8): 10, ("middle", 0): 10,
+              **{("output", i): 10 for i in range(3)}, **{("output", i): 2 for i in range(3, 6)}}
+
+
+def cubiq_expected(base: str, blocks: str, order) -> dict[tuple[str, int], float]:
+    sets = CUBIQ_SETS[base]
+    wanted = {"style only": sets["style"], "composition only": sets["composition"],
+              "style and composition": {**sets["style"], **sets["composition"]}}[blocks]
+    return {key: wanted.get(t, 0.0) for t, key in enumerate(order)}
+
+
+def host_transformer_index(model, layers) -> dict[tuple[str, int], int]:
+    """Each block's transformer_index as the host's UNet hands it to an attn2 replacement in a real forward."""
+    from comfy.ldm.modules.attention import optimized_attention
+
+    unet = model.model.diffusion_model
+    seen = {}
+
+    def record(q, k, v, extra):
+        seen.setdefault(tuple(extra["block"]), set()).add(extra["transformer_index"])
+        return optimized_attention(q, k, v, extra["n_heads"])
+
+    keys = {p.patch_key for p in layers.cross_attention_positions(model)}
+    dtype = next(unet.parameters()).dtype
+    with torch.no_grad():
+        unet(torch.zeros(1, 4, 16, 16, dtype=dtype), torch.tensor([500.0]), torch.zeros(1, 77, 768, dtype=dtype),
+             transformer_options={"patches_replace": {"attn2": {key: record for key in keys}}})
+    assert all(len(t) == 1 for t in seen.values()), seen
+    return {block: t.pop() for block, t in seen.items()}
+
+
+def test_style_blocks_follow_cubiq_sets_on_sd15(mods, loaded, booted):
+    """SD1.5 'style only' / 'composition only' act on cubiq's sets (input 1, 2, 4, 5 + output 5-11; input 7 at
+    0.25 + input 8), not one block each."""
+    controls, _ = mods
+    layers = booted.pack_module("attention.layers")
+    model = loaded[0]
+    positions = layers.cross_attention_positions(model)
+    keys = [p.patch_key[:2] for p in positions]
+    assert len(positions) == 16 and set(keys) == set(SD15_EXECUTION_ORDER)
+    # The order the expected sets are indexed by is the host's own counter.
+    assert host_transformer_index(model, layers) == {key: t for t, key in enumerate(SD15_EXECUTION_ORDER)}
+    for blocks in ("style only", "composition only", "style and composition"):
+        got = dict(zip(keys, controls.style_layer_scales(positions, "SD1.5", blocks)))
+        assert got == cubiq_expected("SD1.5", blocks, SD15_EXECUTION_ORDER), blocks
+    got = dict(zip(keys, controls.style_layer_scales(positions, "SD1.5", "composition only")))
+    assert got[("input", 7)] == 0.25 and got[("input", 8)] == 1.0 and sum(map(bool, got.values())) == 2
+
+
+def test_style_blocks_follow_cubiq_sets_on_sdxl(mods, booted):
+    """SDXL keeps InstantStyle's single blocks, which are cubiq's {6} and {3}: output 1 and input 8, every
+    transformer block in them."""
+    controls, _ = mods
+    layers = booted.pack_module("attention.layers")
+    positions = [layers.AttentionPosition(b, i, t, 640, 2048, f"{b}.{i}.{t}", 10)
+                 for (b, i), depth in SDXL_DEPTH.items() for t in range(depth)]
+    assert len(positions) == 70
+    for blocks in ("style only", "composition only", "style and composition"):
+        expected = cubiq_expected("SDXL", blocks, SDXL_EXECUTION_ORDER)
+        scales = controls.style_layer_scales(positions, "SDXL", blocks)
+        assert scales == [expected[p.patch_key[:2]] for p in positions], blocks
+    on = {p.patch_key[:2] for p, s in zip(positions, controls.style_layer_scales(positions, "SDXL", "style only")) if s}
+    assert on == {("output", 1)}
+
+
+def test_style_blocks_help_names_the_layers(mods):
+    controls, _ = mods
+    text = controls.STYLE_BLOCKS_HELP
+    assert "SD1.5: style = input 1, 2, 4, 5 and output 5-11; composition = input 7 (at 0.25), 8." in text
+    assert "SDXL: style = output 1; composition = input 8." in text
+
+
 def test_style_blocks_and_block_weights(mods, loaded, booted):
     controls, _ = mods
     model = loaded[0]
     positions = booted.pack_module("attention.layers").cross_attention_positions(model)
     keys = [p.patch_key[:2] for p in positions]
 
-    def on(scales):
-        return {k for k, s in zip(keys, scales) if s}
-
-    assert on(controls.style_layer_scales(positions, "SD1.5", "all")) == set(keys)
-    assert on(controls.style_layer_scales(positions, "SD1.5", "style only")) == {("output", 4)}
-    assert on(controls.style_layer_scales(positions, "SD1.5", "composition only")) == {("input", 8)}
-    assert on(controls.style_layer_scales(positions, "SD1.5", "style and composition")) == {("output", 4),
-                                                                                          ("input", 8)}
-    scales = controls.style_layer_scales(positions, "SD1.5", "style only", "input 8 = 0.5; middle: 2")
-    assert dict(zip(keys, scales))[("input", 8)] == 0.5 and dict(zip(keys, scales))[("middle", 0)] == 2.0
-    assert dict(zip(keys, scales))[("output", 4)] == 1.0 and dict(zip(keys, scales))[("output", 5)] == 0.0
+    assert controls.style_layer_scales(positions, "SD1.5", "all") == [1.0] * len(keys)
+    # block_weights override the preset only in the blocks named. (This used to check output 4 on and output 5
+    # off, the old single-block SD1.5 style choice; cubiq's SD1.5 style set has output 5-11 and not output 4.)
+    scales = dict(zip(keys, controls.style_layer_scales(positions, "SD1.5", "style only", "input 8 = 0.5; middle: 2")))
+    assert scales[("input", 8)] == 0.5 and scales[("middle", 0)] == 2.0
+    assert scales[("output", 5)] == 1.0 and scales[("output", 4)] == 0.0 and scales[("input", 7)] == 0.0
     with pytest.raises(ValueError, match="no cross-attention in block.* input 3"):
         controls.style_layer_scales(positions, "SD1.5", "all", "input 3=1")
     with pytest.raises(ValueError, match="'output=1' is not understood"):

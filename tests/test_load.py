@@ -85,10 +85,10 @@ def region(g: graphs.Graph, channel: str) -> list:
     return [g.add("ImageToMask", {"image": g.link("regions"), "channel": channel}), 0]
 
 
-def apply(g: graphs.Graph, persons: list, alpha: float = 0.5) -> str:
+def apply(g: graphs.Graph, persons: list, alpha: float = 0.5, lora_strength: float = 1.0) -> str:
     adapter = g.add("FaceStudioAdapterLoader", {"adapter_name": FACEID, "kind": "auto"})
     return g.insert_model_node("FaceStudioApply", {"adapter": [adapter, 0], "persons": persons, "alpha": alpha,
-                                                   "style_weight": 1.0})
+                                                   "style_weight": 1.0, "lora_strength": lora_strength})
 
 
 def no_facestudio(g):
@@ -100,7 +100,8 @@ def one_person(g):
 
 
 def one_person_weight_zero(g):
-    apply(g, person(g, identity(g, "fs_load_a.png"), weight=0.0))
+    # Bit-identical to no FaceStudio: weight 0 and no LoRA (lora_strength defaults to 1.0).
+    apply(g, person(g, identity(g, "fs_load_a.png"), weight=0.0), lora_strength=0.0)
 
 
 def one_person_solid_mask_first_half(g):

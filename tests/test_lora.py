@@ -85,7 +85,8 @@ def test_the_paired_file_loads_fully_through_the_hosts_lora_loader(comfy_host, l
 def test_lora_strength_equals_the_hosts_lora_loader(comfy_host, lora_setup, adapter):
     by_loader = base(lora_setup)
     by_loader.insert_model_node("LoraLoaderModelOnly", {"lora_name": PAIRED, "strength_model": 0.6})
-    apply(by_loader, person(by_loader, identity(by_loader, "fs_apply_a.png", "a")), adapter=adapter)
+    loaded = apply(by_loader, person(by_loader, identity(by_loader, "fs_apply_a.png", "a")), adapter=adapter)
+    by_loader.prompt[loaded]["inputs"]["lora_strength"] = 0.0  # the loader's LoRA only (the default is now 1.0)
     by_apply = base(lora_setup)
     node = apply(by_apply, person(by_apply, identity(by_apply, "fs_apply_a.png", "a")), adapter=adapter)
     by_apply.prompt[node]["inputs"]["lora_strength"] = 0.6
@@ -95,22 +96,91 @@ def test_lora_strength_equals_the_hosts_lora_loader(comfy_host, lora_setup, adap
     assert (run_latent(comfy_host, by_apply) - expected).abs().max() > 1e-4  # the LoRA made a difference
 
 
-def test_no_lora_anywhere_is_a_clear_error(comfy_host, lora_setup, booted):
+def test_the_default_strength_is_one(booted):
+    inputs = {i.id: i for i in booted.pack_module("nodes.apply").FaceStudioApply.define_schema().inputs}
+    assert inputs["lora_strength"].default == 1.0 and inputs["lora_strength"].optional
+    outputs = booted.pack_module("nodes.apply").FaceStudioApply.define_schema().outputs
+    assert [o.display_name for o in outputs] == ["model", "report"]  # report added last: saved links keep slot 0
+
+
+@pytest.mark.parametrize("adapter", ["fs_apply_faceid_sd15.safetensors", FACEID_NO_LORA],
+                         ids=["lora-inside-the-adapter", "paired-file"])
+def test_the_default_equals_the_hosts_lora_loader_at_one(comfy_host, lora_setup, adapter):
+    by_loader = base(lora_setup)
+    by_loader.insert_model_node("LoraLoaderModelOnly", {"lora_name": PAIRED, "strength_model": 1.0})
+    loaded = apply(by_loader, person(by_loader, identity(by_loader, "fs_apply_a.png", "a")), adapter=adapter)
+    by_loader.prompt[loaded]["inputs"]["lora_strength"] = 0.0
+    by_apply = base(lora_setup)
+    node = apply(by_apply, person(by_apply, identity(by_apply, "fs_apply_a.png", "a")), adapter=adapter)
+    assert "lora_strength" not in by_apply.prompt[node]["inputs"]  # the node's own default
+    result = comfy_host.run(by_apply.prompt)
+    assert result.success, result.error
+    assert comfy_host.output(result, node, 1) == ""
+    torch.testing.assert_close(comfy_host.output(result, by_apply["sampler"])["samples"],
+                               run_latent(comfy_host, by_loader), atol=1e-6, rtol=0)
+
+
+def test_a_chained_apply_adds_the_lora_once(comfy_host, lora_setup):
+    chained = base(lora_setup)
+    apply(chained, person(chained, identity(chained, "fs_apply_a.png", "a")))
+    second = apply(chained, person(chained, identity(chained, "fs_apply_b.png", "b"), 0.8))
+    joint = base(lora_setup)
+    first = person(joint, identity(joint, "fs_apply_a.png", "a"))
+    apply(joint, person(joint, identity(joint, "fs_apply_b.png", "b"), 0.8, persons=first))
+    result = comfy_host.run(chained.prompt)
+    assert result.success, result.error
+    patches = comfy_host.output(result, second).patches
+    assert len(patches) == EXPECTED_MODULES and all(len(p) == 1 for p in patches.values())
+    torch.testing.assert_close(comfy_host.output(result, chained["sampler"])["samples"],
+                               run_latent(comfy_host, joint), atol=1e-5, rtol=0)
+
+
+def test_no_lora_anywhere_runs_and_reports_where_it_looked(comfy_host, lora_setup, booted, caplog):
     import folder_paths
 
     paired = booted.models / "loras" / PAIRED
     hidden = paired.rename(paired.with_suffix(".off"))
     folder_paths.filename_list_cache.pop("loras", None)
     try:
+        without = base(lora_setup)
+        off = apply(without, person(without, identity(without, "fs_apply_a.png", "a")), adapter=FACEID_NO_LORA)
+        without.prompt[off]["inputs"]["lora_strength"] = 0.0
         g = base(lora_setup)
-        node = apply(g, person(g, identity(g, "fs_apply_a.png", "a")), adapter=FACEID_NO_LORA)
-        g.prompt[node]["inputs"]["lora_strength"] = 0.6
-        result = comfy_host.run(g.prompt)
-        assert not result.success and result.error_node == node
-        assert f"'{PAIRED}' is not in models/loras" in result.error and "set lora_strength to 0" in result.error
+        node = apply(g, person(g, identity(g, "fs_apply_a.png", "a")), adapter=FACEID_NO_LORA)  # default 1.0
+        with caplog.at_level(logging.WARNING):
+            result = comfy_host.run(g.prompt)
+        assert result.success, result.error
+        report = comfy_host.output(result, node, 1)
+        assert FACEID_NO_LORA in report and f"'{PAIRED}' is not in the loras folders" in report
+        assert "to_q_lora" in report and str(booted.models / "loras") in report
+        assert any(report in r.getMessage() for r in caplog.records)
+        torch.testing.assert_close(comfy_host.output(result, g["sampler"])["samples"],
+                                   run_latent(comfy_host, without), atol=0, rtol=0)  # ran, without the LoRA
     finally:
         hidden.rename(paired)
         folder_paths.filename_list_cache.pop("loras", None)
+
+
+@pytest.mark.parametrize("kind", ["faceid-portrait", "faceid-portrait-unnorm"])
+def test_portrait_has_no_lora_and_no_report(comfy_host, lora_setup, booted, kind, caplog):
+    import folder_paths
+
+    name = f"fs_lora_{kind}_sd15.safetensors"
+    written = af.write_adapter(booted.models / "ipadapter" / name, af.shared_state_dict(kind, af.SD15))
+    folder_paths.filename_list_cache.pop("ipadapter", None)
+    try:
+        g = base(lora_setup)
+        node = apply(g, person(g, identity(g, "fs_apply_a.png", "a")), adapter=name)
+        g.prompt[g.prompt[node]["inputs"]["adapter"][0]]["inputs"]["kind"] = kind
+        with caplog.at_level(logging.WARNING):
+            result = comfy_host.run(g.prompt)
+        assert result.success, result.error
+        assert comfy_host.output(result, node, 1) == ""
+        assert not comfy_host.output(result, node).patches
+        assert not [r for r in caplog.records if "LoRA" in r.getMessage()]
+    finally:
+        written.unlink()
+        folder_paths.filename_list_cache.pop("ipadapter", None)
 
 
 def test_a_lora_for_another_model_is_refused(booted, lora_setup):

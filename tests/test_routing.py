@@ -21,8 +21,11 @@ def routing(booted):
 
 
 def reference(q, a_text, persons, masks, heads, style=None, alpha=0.5):
-    """Python loop of separate per-person attentions combined by Eq. 2."""
+    """Python loop of separate per-person attentions combined by Eq. 2. alpha scales the text only where
+    a style acts (a style with a non-zero scale): it is the text / style-image balance."""
     t, g = min(1.0, 2 * (1 - alpha)), min(1.0, 2 * alpha)
+    if style is None or style[2] == 0:
+        t = 1.0
     b, n, _ = q.shape
     m = [torch.ones(1, n, dtype=torch.float64) if x is None else x.double() for x in masks]
     total = sum(m) if m else torch.zeros(1, n, dtype=torch.float64)
@@ -288,8 +291,56 @@ def test_zero_weight_persons_leave_text_and_style_alone(routing):
     out = routing.route(q, a_text, routing.TokenGroups.build(zero, heads, style=style), masks)
     style_only = routing.route(q, a_text, routing.TokenGroups.build([], heads, style=style))
     torch.testing.assert_close(out, style_only, atol=1e-6, rtol=0)
-    # No tokens at all: A_text scaled by t(alpha), nothing else.
-    assert torch.equal(routing.route(q, a_text, routing.TokenGroups.build([], heads)), a_text)
+    # No tokens at all: exactly A_text, whatever alpha (no style scales it).
+    for alpha in (0.0, 0.5, 0.9, 1.0):
+        assert torch.equal(routing.route(q, a_text, routing.TokenGroups.build([], heads), alpha=alpha), a_text)
+
+
+def test_without_a_style_alpha_changes_nothing(routing):
+    """alpha is the text / style-image balance: with no style acting at a layer (none, or a style whose
+    scale there is 0: style_weight 0 or a block left out by style_blocks) the text keeps full strength
+    and the output is bit-identical for every alpha. (It was scaled by min(1, 2(1 - alpha)) before:
+    above 0.5 the prompt just got weaker.)"""
+    heads = 2
+    q, a_text, persons, gen = make(b=4, tokens=(4, 6), seed=11)
+    masks = [torch.rand(1, q.shape[1], generator=gen), None]
+    off = (torch.randn(1, 5, 32, generator=gen), torch.randn(1, 5, 32, generator=gen), 0.0)
+    for style in (None, off):
+        groups = routing.TokenGroups.build(persons, heads, style=style)
+        assert not groups.style_acts and routing.layer_text_gain(groups, 0.9) == 1.0
+        half = routing.route(q, a_text, groups, masks, alpha=0.5)
+        chunked = routing.route_chunks(q, a_text, [groups, groups], masks, alpha=0.5)
+        for alpha in (0.0, 0.9, 1.0):
+            assert torch.equal(routing.route(q, a_text, groups, masks, alpha=alpha), half)
+            assert torch.equal(routing.route_chunks(q, a_text, [groups, groups], masks, alpha=alpha), chunked)
+        expected = reference(q, a_text, persons, masks, heads, style=style, alpha=0.9)
+        torch.testing.assert_close(half.double(), expected, atol=1e-5, rtol=0)
+
+
+def test_a_wrapped_output_is_never_scaled_by_alpha(routing):
+    """A foreign replacement's output (A_text + its own contribution F) goes through unscaled:
+    out = F + t(alpha) A_text + g(alpha) s A_style + R, against the float64 loop."""
+    heads = 2
+    q, a_text, persons, gen = make(b=4, tokens=(4, 4), seed=12)
+    foreign = torch.randn(q.shape, generator=gen)  # F
+    wrapped = a_text + foreign
+    masks = [torch.rand(1, q.shape[1], generator=gen) for _ in persons]
+    style = (torch.randn(1, 6, 32, generator=gen), torch.randn(1, 6, 32, generator=gen), 0.7)
+    styled = routing.TokenGroups.build(persons, heads, style=style)
+    for alpha in (0.25, 0.5, 0.9, 1.0):
+        expected = reference(q, a_text, persons, masks, heads, style=style, alpha=alpha) + foreign.double()
+        out = routing.route(q, a_text, styled, masks, alpha=alpha, wrapped=wrapped)
+        torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=0)
+        chunked = routing.route_chunks(q, a_text, [styled, styled], masks, alpha=alpha, wrapped=wrapped)
+        torch.testing.assert_close(chunked.double(), expected, atol=1e-5, rtol=0)
+    # Where the text is not scaled the plain text attention is not needed (the patch skips that call).
+    plain = routing.TokenGroups.build(persons, heads)
+    out = routing.route(q, None, plain, masks, alpha=0.9, wrapped=wrapped)
+    torch.testing.assert_close(out.double(), reference(q, wrapped, persons, masks, heads), atol=1e-5, rtol=0)
+    assert torch.equal(routing.route(q, None, routing.TokenGroups.build([], heads), alpha=0.9, wrapped=wrapped),
+                       wrapped)
+    with pytest.raises(ValueError, match="needs a_text"):
+        routing.route(q, None, styled, masks, alpha=0.9, wrapped=wrapped)
 
 
 def test_token_groups_move_once_and_stay_put(routing):
