@@ -192,7 +192,29 @@ ensure_chromium() {
     fi
 }
 
+# --- 4. cubiq's ComfyUI_IPAdapter_plus for the order tests (tests/test_cubiq_order.py) -------------
+# A clone of the commit in scripts/ipadapter-plus.pin, kept beside the host clone (GPL-3.0: never
+# committed) and not linked into any host: only the servers of those tests load it.
+clone_ipadapter_plus() {
+    local pin="$FACESTUDIO_ROOT/scripts/ipadapter-plus.pin" url commit
+    FACESTUDIO_IPADAPTER_PLUS_DIR="${FACESTUDIO_IPADAPTER_PLUS_DIR:-$FACESTUDIO_ROOT/.comfyui/ComfyUI_IPAdapter_plus}"
+    url="$(sed -n 's/^url=//p' "$pin")"; commit="$(sed -n 's/^commit=//p' "$pin")"
+    [ -n "$url" ] && [ -n "$commit" ] || { log "$pin needs a url= and a commit= line"; return 1; }
+    if [ ! -d "$FACESTUDIO_IPADAPTER_PLUS_DIR/.git" ]; then
+        log "cloning ComfyUI_IPAdapter_plus $commit from $url"
+        mkdir -p "$(dirname "$FACESTUDIO_IPADAPTER_PLUS_DIR")"
+        git clone -q --no-checkout "$url" "$FACESTUDIO_IPADAPTER_PLUS_DIR"
+    fi
+    if [ "$(git -C "$FACESTUDIO_IPADAPTER_PLUS_DIR" rev-parse HEAD 2>/dev/null || true)" != "$commit" ] \
+        || ! git -C "$FACESTUDIO_IPADAPTER_PLUS_DIR" diff --quiet HEAD 2>/dev/null; then
+        git -C "$FACESTUDIO_IPADAPTER_PLUS_DIR" fetch -q origin "$commit" 2>/dev/null || true
+        git -C "$FACESTUDIO_IPADAPTER_PLUS_DIR" -c advice.detachedHead=false checkout -q -f "$commit" \
+            || { log "cannot check out ComfyUI_IPAdapter_plus $commit (from $pin)"; return 1; }
+    fi
+}
+
 resolve_host
 setup_venv
+clone_ipadapter_plus
 if [ "${FACESTUDIO_SETUP_BROWSER:-0}" = 1 ]; then ensure_chromium; fi
-export FACESTUDIO_ROOT FACESTUDIO_PY COMFYUI_DIR
+export FACESTUDIO_ROOT FACESTUDIO_PY COMFYUI_DIR FACESTUDIO_IPADAPTER_PLUS_DIR
