@@ -11,6 +11,10 @@ FaceID LoRA touches).
 Projections are recognised from a table (`PROJECTION_LAYOUTS`): one entry per image-projection
 layout, each giving the keys that identify it, how its shapes read, and which kinds those shapes
 allow. A new format (e.g. a FaceStudio-native adapter) is one more entry.
+
+One layout serves two kinds: a perceiver resampler (learned `latents`, `proj_in`, `proj_out`,
+`norm_out`) is IP-Adapter Plus when `proj_in` reads CLIP hidden states, and FaceID Portrait unnorm
+(ip-adapter-faceid-portrait_sdxl_unnorm.bin) when it reads the 512-wide ArcFace embedding.
 """
 from __future__ import annotations
 
@@ -37,6 +41,10 @@ _UNSUPPORTED_CONTEXT = {1024: "SD2.x"}
 
 # Every attention head in the reference projections is 64 wide.
 _HEAD_WIDTH = 64
+# ArcFace (insightface's w600k_r50) embedding width. No CLIP vision model released with an IP-Adapter
+# has hidden states this narrow (ViT-L/14 1024, ViT-H/14 1280, ViT-bigG/14 1664), so a resampler
+# whose proj_in reads 512 features reads a face embedding.
+_ARCFACE_WIDTH = 512
 
 
 class AdapterError(ValueError):
@@ -88,10 +96,10 @@ _KIND_LABELS = {
 
 KIND_CHOICES: tuple[str, ...] = (KIND_AUTO, *(k.value for k in AdapterKind))
 
-# Variants with identical keys; only the release's file name tells them apart.
+# Variants with identical keys; only the release's file name tells them apart. (Portrait unnorm
+# needs no hint: its resampler layout says what it is.)
 _NAME_HINTS: tuple[tuple[AdapterKind, str], ...] = (
     (AdapterKind.FACEID_PLUS_V2, "v2"),
-    (AdapterKind.FACEID_PORTRAIT_UNNORM, "unnorm"),
 )
 
 
@@ -224,20 +232,28 @@ def _read_image_prompt(t: _Tensors) -> ProjectionShape:
 
 def _read_resampler(t: _Tensors) -> ProjectionShape:
     _, num_tokens, dim = t.shape("latents", 3)
-    dim_in, clip_width = t.shape("proj_in.weight", 2)
+    dim_in, input_width = t.shape("proj_in.weight", 2)
     output_width, dim_out = t.shape("proj_out.weight", 2)
     (norm_out,) = t.shape("norm_out.weight", 1)
     if dim_in != dim or dim_out != dim or norm_out != output_width:
         raise t.fail(f"its resampler widths disagree (latents {dim}, proj_in {dim_in}, proj_out {dim_out})")
     _check_perceiver(t, "", dim)
-    return ProjectionShape(output_width, num_tokens, clip_width, None)
+    if input_width == _ARCFACE_WIDTH:  # FaceID Portrait unnorm: the raw face embeddings are its input sequence
+        return ProjectionShape(output_width, num_tokens, None, input_width)
+    return ProjectionShape(output_width, num_tokens, input_width, None)
+
+
+def _resampler_kinds(shape: ProjectionShape) -> tuple[AdapterKind, ...]:
+    if shape.id_embedding_width is not None:
+        return (AdapterKind.FACEID_PORTRAIT_UNNORM,)
+    return (AdapterKind.IMAGE_PROMPT_PLUS,)
 
 
 def _faceid_mlp_kinds(shape: ProjectionShape) -> tuple[AdapterKind, ...]:
     if shape.num_tokens == 4:
         return (AdapterKind.FACEID,)
     if shape.num_tokens == 16:
-        return (AdapterKind.FACEID_PORTRAIT, AdapterKind.FACEID_PORTRAIT_UNNORM)
+        return (AdapterKind.FACEID_PORTRAIT,)
     return ()
 
 
@@ -273,9 +289,10 @@ PROJECTION_LAYOUTS: tuple[ProjectionLayout, ...] = (
         _read_image_prompt, lambda s: (AdapterKind.IMAGE_PROMPT,), "",
     ),
     ProjectionLayout(
-        "an image-prompt Plus resampler",
+        "a perceiver resampler (image-prompt Plus over CLIP features; FaceID Portrait unnorm over "
+        f"{_ARCFACE_WIDTH}-wide face embeddings)",
         ("latents", "proj_in.weight", "proj_out.weight", "norm_out.weight"), (),
-        _read_resampler, lambda s: (AdapterKind.IMAGE_PROMPT_PLUS,), "",
+        _read_resampler, _resampler_kinds, "",
     ),
 )
 

@@ -8,7 +8,9 @@ One small module per projection, with the reference IP-Adapter code's parameter 
     FaceIDPlusProjection ProjPlusModel: the same MLP, then FacePerceiverResampler over the CLIP
                          penultimate hidden states; v2: out = x + scale * resampler(x, clip)
     ImagePromptProjection ImageProjModel: proj -> [N, 4, ctx] -> norm
-    Resampler            IP-Adapter Plus: learned latents resampling the penultimate hidden states
+    Resampler            learned latents resampling an input sequence: IP-Adapter Plus (the CLIP
+                         penultimate hidden states) and FaceID Portrait unnorm (the shots' raw
+                         ArcFace embeddings, one row each: 16 tokens however many shots)
 
 Tokens are computed once per Apply (not per sampling step), as are `layer_kv`'s per-layer K/V, which
 are what `routing.TokenGroups.build` takes. No host imports: CLIP and face models are the caller's.
@@ -159,12 +161,14 @@ class ImagePromptProjection(nn.Module):
 
 
 class Resampler(nn.Module):
-    """IP-Adapter Plus: learned latents [1, T, dim] resample the CLIP penultimate hidden states [N, S, clip]."""
+    """Learned latents [1, T, dim] resample an input sequence [N, S, embedding_dim]: IP-Adapter Plus's
+    CLIP penultimate hidden states, or FaceID Portrait unnorm's raw face embeddings (S = shots)."""
 
-    def __init__(self, dim: int, depth: int, heads: int, num_queries: int, clip_dim: int, ctx: int, ff_mult: int = 4):
+    def __init__(self, dim: int, depth: int, heads: int, num_queries: int, embedding_dim: int, ctx: int,
+                 ff_mult: int = 4):
         super().__init__()
         self.latents = nn.Parameter(torch.zeros(1, num_queries, dim))
-        self.proj_in = nn.Linear(clip_dim, dim)
+        self.proj_in = nn.Linear(embedding_dim, dim)
         self.proj_out = nn.Linear(dim, ctx)
         self.norm_out = nn.LayerNorm(ctx)
         self.layers = _perceiver_layers(dim, depth, heads, ff_mult)
@@ -189,7 +193,7 @@ def _perceiver_shape(sd: Mapping[str, torch.Tensor], prefix: str) -> tuple[int, 
 
 def _build(adapter: IPAdapterWeights) -> nn.Module:
     sd, kind, ctx = adapter.image_proj, adapter.kind, adapter.context_dim
-    if kind in (AdapterKind.FACEID, AdapterKind.FACEID_PORTRAIT, AdapterKind.FACEID_PORTRAIT_UNNORM):
+    if kind in (AdapterKind.FACEID, AdapterKind.FACEID_PORTRAIT):
         hidden, id_dim = sd["proj.0.weight"].shape
         return FaceIDMLP(id_dim, hidden, ctx, adapter.num_tokens)
     if kind in (AdapterKind.FACEID_PLUS, AdapterKind.FACEID_PLUS_V2):
@@ -199,7 +203,7 @@ def _build(adapter: IPAdapterWeights) -> nn.Module:
         return FaceIDPlusProjection(id_dim, hidden, dim, adapter.num_tokens, clip_dim, ctx, depth, heads, ff_mult)
     if kind is AdapterKind.IMAGE_PROMPT:
         return ImagePromptProjection(sd["proj.weight"].shape[1], ctx, adapter.num_tokens)
-    if kind is AdapterKind.IMAGE_PROMPT_PLUS:
+    if kind in (AdapterKind.IMAGE_PROMPT_PLUS, AdapterKind.FACEID_PORTRAIT_UNNORM):
         _, num_queries, dim = sd["latents"].shape
         depth, heads, ff_mult = _perceiver_shape(sd, "")
         return Resampler(dim, depth, heads, num_queries, sd["proj_in.weight"].shape[1], ctx, ff_mult)
@@ -208,14 +212,20 @@ def _build(adapter: IPAdapterWeights) -> nn.Module:
 
 def projection_for(adapter: IPAdapterWeights, device: torch.device | str = "cpu") -> nn.Module:
     """The adapter's projection module, its `image_proj` tensors loaded strictly (every key, nothing
-    more) in fp32, in eval mode without gradients. Build it once per Apply and pass it on as `module`."""
+    more) in fp32, in eval mode without gradients. Build it once per Apply and pass it on as `module`.
+
+    Built on the meta device and given the fp32 tensors themselves (assign): one fp32 copy of an fp16
+    file's projection, none of an fp32 one. Initialising real parameters first and copying into them
+    held two (about 0.75 GB extra at every Apply of an SDXL FaceID Plus v2)."""
     def fail(why: str) -> AdapterError:
         return AdapterError(f"{adapter.source}: its image projection does not load into {adapter.kind.label}'s "
                             f"projection ({why}). The file is incomplete or damaged; download it again.")
 
     try:
-        module = _build(adapter)
-        result = module.load_state_dict({k: v.float() for k, v in adapter.image_proj.items()}, strict=False)
+        with torch.device("meta"):
+            module = _build(adapter)
+        result = module.load_state_dict({k: v.float() for k, v in adapter.image_proj.items()}, strict=False,
+                                        assign=True)
     except KeyError as e:
         raise fail(f"no {e}") from None
     except RuntimeError as e:  # shapes that disagree
@@ -260,7 +270,8 @@ def identity_tokens(adapter: IPAdapterWeights, embeddings: torch.Tensor, clip_fe
     """[1, T, ctx] fp32 context tokens of one identity.
 
     embeddings: ArcFace embeddings [N, 512] (or [512]). Portrait: every shot becomes its 16 tokens,
-    shots in order ([1, 16 N, ctx]); other kinds take the one combined embedding (N == 1).
+    shots in order ([1, 16 N, ctx]). Portrait unnorm: the N raw embeddings are the resampler's input
+    sequence ([1, N, 512] -> [1, 16, ctx]). Other kinds take the one combined embedding (N == 1).
     clip_features: FaceID Plus only, the CLIP penultimate hidden states of the face crop [1, S, clip].
     shortcut_scale: FaceID Plus v2's shortcut weight. module: a `projection_for(adapter)` to reuse.
     """
@@ -268,8 +279,13 @@ def identity_tokens(adapter: IPAdapterWeights, embeddings: torch.Tensor, clip_fe
         raise ValueError(f"{adapter.source} is {adapter.kind.label}, not a face-identity adapter")
     emb = _rows(embeddings, 2, "face embeddings", adapter.id_embedding_width)
     module = module if module is not None else projection_for(adapter, emb.device)
-    if adapter.kind in (AdapterKind.FACEID_PORTRAIT, AdapterKind.FACEID_PORTRAIT_UNNORM):
+    if adapter.kind is AdapterKind.FACEID_PORTRAIT:
         return module(emb).reshape(1, -1, adapter.context_dim)
+    if adapter.kind is AdapterKind.FACEID_PORTRAIT_UNNORM:
+        # The shots are one input sequence, as the reference pipeline passes face_embeds [1, n, 512] to a
+        # Resampler behind an attention processor fixed at 16 tokens. cubiq's pack resamples each shot
+        # alone (16 tokens per shot); the two agree for one shot.
+        return module(emb[None])
     _single(emb, "face embeddings", "combine the shots into one embedding first (only Portrait takes several)")
     if adapter.kind in (AdapterKind.FACEID_PLUS, AdapterKind.FACEID_PLUS_V2):
         clip = _clip_hidden(adapter, clip_features, "of the face crop").to(emb.device)
@@ -281,9 +297,9 @@ def unconditional_identity_tokens(adapter: IPAdapterWeights, zero_clip_features:
                                   shortcut_scale: float = 1.0, shots: int = 1,
                                   module: nn.Module | None = None) -> torch.Tensor:
     """The negative side's tokens, as the reference code makes them: the projection of a zero face
-    embedding (Portrait: `shots` of them, one per conditioning shot) and, for FaceID Plus, of the CLIP
-    features of an all-zero normalized image (`torch.zeros_like(clip_image)` through the vision model;
-    the caller runs it), with the same shortcut scale as the conditional side."""
+    embedding (Portrait and Portrait unnorm: `shots` of them, one per conditioning shot) and, for
+    FaceID Plus, of the CLIP features of an all-zero normalized image (`torch.zeros_like(clip_image)`
+    through the vision model; the caller runs it), with the same shortcut scale as the conditional side."""
     if adapter.id_embedding_width is None:
         raise ValueError(f"{adapter.source} is {adapter.kind.label}, not a face-identity adapter")
     zeros = torch.zeros(shots, adapter.id_embedding_width)

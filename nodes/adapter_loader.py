@@ -21,8 +21,8 @@ class FaceStudioAdapterLoader(io.ComfyNode):
                                        "models/ipadapter, .safetensors or .bin."),
                 io.Combo.Input("kind", options=list(KIND_CHOICES), default=KIND_AUTO,
                                tooltip="'auto' reads the kind from the file's keys and name. Pick one only for a "
-                                       "renamed file whose name no longer says v2 / unnorm; it must agree with "
-                                       "the keys."),
+                                       "renamed FaceID Plus v2 file whose name no longer says v2 (its keys are "
+                                       "FaceID Plus's); it must agree with the keys."),
                 io.Model.Input("model", optional=True,
                                tooltip="Optional: check now that the adapter's layers fit this model's "
                                        "cross-attention (right base model, layer count and widths)."),

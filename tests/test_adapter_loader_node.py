@@ -62,10 +62,10 @@ def test_loads_an_adapter_through_the_executor(comfy_host, ipadapter_dir, booted
 
 
 def test_kind_override_reaches_the_loader(comfy_host, ipadapter_dir, booted):
-    path = af.write_adapter(ipadapter_dir / "renamed-portrait.bin", af.shared_state_dict("faceid-portrait", af.SD15))
-    result = comfy_host.run(loader_prompt(path.name, "faceid-portrait-unnorm"))
+    path = af.write_adapter(ipadapter_dir / "renamed-plus.bin", af.shared_state_dict("faceid-plus-v2", af.SD15))
+    result = comfy_host.run(loader_prompt(path.name, "faceid-plus-v2"))
     assert result.success, result.error
-    assert comfy_host.output(result, "1").kind.value == "faceid-portrait-unnorm"
+    assert comfy_host.output(result, "1").kind.value == "faceid-plus-v2"
 
 
 def test_bad_file_fails_the_node_with_the_reason(comfy_host, ipadapter_dir):

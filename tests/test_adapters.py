@@ -9,11 +9,13 @@ import safetensors.torch
 import torch
 
 from facestudio_testing import adapter_files as af
+from facestudio_testing import reference_projection
 from facestudio_testing.meta_models import diffusers_unet
 
 SUFFIXES = (".bin", ".safetensors")
 # Kinds whose image projection goes through a distinct diffusers class (the others share tensors).
-PROJECTION_KINDS = ("faceid", "faceid-plus", "faceid-portrait", "image-prompt", "image-prompt-plus")
+PROJECTION_KINDS = ("faceid", "faceid-plus", "faceid-portrait", "faceid-portrait-unnorm", "image-prompt",
+                    "image-prompt-plus")
 
 
 @pytest.fixture(scope="module")
@@ -104,6 +106,8 @@ def test_image_projection_loads_strictly_into_diffusers(adapters, files, diffuse
     expected = {"faceid": embeddings.IPAdapterFaceIDImageProjection,
                 "faceid-portrait": embeddings.IPAdapterFaceIDImageProjection,
                 "faceid-plus": embeddings.IPAdapterFaceIDPlusImageProjection,
+                # diffusers reads unnorm as what it is, a Plus resampler (over 512-wide inputs)
+                "faceid-portrait-unnorm": embeddings.IPAdapterPlusImageProjection,
                 "image-prompt": embeddings.ImageProjection,
                 "image-prompt-plus": embeddings.IPAdapterPlusImageProjection}[kind]
     assert type(module) is expected
@@ -115,6 +119,9 @@ def test_image_projection_loads_strictly_into_diffusers(adapters, files, diffuse
         assert module.proj_out.out_features == ctx and module.proj_in.in_features == w.clip_width
     elif kind == "image-prompt":
         assert module.image_embeds.in_features == w.clip_width and module.norm.normalized_shape == (ctx,)
+    elif kind == "faceid-portrait-unnorm":
+        assert module.latents.shape[1] == w.num_tokens and module.proj_in.in_features == w.id_embedding_width
+        assert w.clip_width is None and module.norm_out.normalized_shape == (ctx,)
     else:
         assert module.latents.shape[1] == w.num_tokens and module.proj_in.in_features == w.clip_width
         assert module.norm_out.normalized_shape == (ctx,)
@@ -290,7 +297,9 @@ def test_kind_override_for_renamed_files(adapters, files):
 
     portrait = af.write_adapter(files / "portrait.safetensors", af.shared_state_dict("faceid-portrait", af.SDXL))
     assert adapters.load_adapter(str(portrait)).kind is K.FACEID_PORTRAIT
-    assert adapters.load_adapter(str(portrait), "faceid-portrait-unnorm").kind is K.FACEID_PORTRAIT_UNNORM
+    # Portrait unnorm needs no name: its layout (a resampler over 512-wide inputs) says what it is.
+    unnorm = af.write_adapter(files / "portrait-2.bin", af.shared_state_dict("faceid-portrait-unnorm", af.SDXL))
+    assert adapters.load_adapter(str(unnorm)).kind is K.FACEID_PORTRAIT_UNNORM
 
     # An explicit kind wins over a name hint that agrees with the keys.
     v2_named = write_release(files, "faceid-plus-v2", af.SD15, ".bin")
@@ -299,7 +308,11 @@ def test_kind_override_for_renamed_files(adapters, files):
 
 @pytest.mark.parametrize("kind, base, override, says", [
     ("faceid-plus", af.SD15, "faceid", "its keys say IP-Adapter FaceID Plus .*choose faceid-plus, faceid-plus-v2 or 'auto'"),
-    ("faceid-portrait", af.SDXL, "faceid", "choose faceid-portrait, faceid-portrait-unnorm or 'auto'"),
+    ("faceid-portrait", af.SDXL, "faceid", "choose faceid-portrait or 'auto'"),
+    ("faceid-portrait", af.SDXL, "faceid-portrait-unnorm", "choose faceid-portrait or 'auto'"),
+    ("faceid-portrait-unnorm", af.SDXL, "image-prompt-plus",
+     r"its keys say IP-Adapter FaceID Portrait \(unnormalised embedding\) .*choose faceid-portrait-unnorm or 'auto'"),
+    ("image-prompt-plus", af.SDXL, "faceid-portrait-unnorm", "choose image-prompt-plus or 'auto'"),
     ("faceid", af.SD15, "faceid-portrait", "its keys say IP-Adapter FaceID \\(.*4 tokens\\): choose faceid or 'auto'"),
     ("image-prompt", af.SD15, "image-prompt-plus", "choose image-prompt or 'auto'"),
     ("image-prompt-plus", af.SDXL, "faceid-plus-v2", "choose image-prompt-plus or 'auto'"),
@@ -309,6 +322,44 @@ def test_contradicting_override_is_an_error(adapters, files, kind, base, overrid
     with pytest.raises(adapters.AdapterError, match=says) as e:
         adapters.load_adapter(str(path), override)
     assert f"set to kind '{override}'" in str(e.value)
+
+
+# --- FaceID Portrait unnorm: a resampler over the raw face embedding -----------------------------------
+
+def test_portrait_unnorm_fixture_has_the_release_layout():
+    """The generator's unnorm at the release's width has exactly the keys and shapes of the reference
+    Resampler built as cubiq builds it for ip-adapter-faceid-portrait_sdxl_unnorm.bin (independent of
+    the generator and of the pack); adapter_files' docstring gives the file-size check as well."""
+    release = reference_projection.release_unnorm_resampler_shapes()
+    assert release["latents"] == (1, 16, 1280) and release["proj_in.weight"] == (1280, 512)
+    assert release["proj_out.weight"] == (2048, 1280) and release["norm_out.weight"] == (2048,)
+    generated = af.image_projection("faceid-portrait-unnorm", af.SDXL, af._Random(0, torch.float16))
+    assert {k: tuple(v.shape) for k, v in generated.items()} == release
+    assert all(v.dtype == torch.float32 for v in generated.values())  # the release stores it in fp32
+
+
+def test_portrait_unnorm_at_release_width_is_recognised(adapters):
+    image_proj = af.image_projection("faceid-portrait-unnorm", af.SDXL, af._Random(0, torch.float16))
+    ip_adapter = af.shared_state_dict("faceid", af.SDXL)["ip_adapter"]
+    ip_adapter = {k: v for k, v in ip_adapter.items() if "_ip." in k}  # Portrait has no LoRA
+    w = adapters.recognise(image_proj, ip_adapter, "ip-adapter-faceid-portrait_sdxl_unnorm.bin")
+    assert w.kind is adapters.AdapterKind.FACEID_PORTRAIT_UNNORM
+    assert (w.base_model, w.num_tokens, w.id_embedding_width, w.clip_width, w.lora_key_count) == ("SDXL", 16, 512,
+                                                                                                 None, 0)
+    assert w.kind.clip_input is None and w.is_identity
+    assert "Portrait (unnormalised embedding) for SDXL" in w.describe() and "face embedding 512" in w.describe()
+
+
+@pytest.mark.parametrize("input_width, kind", [(512, "faceid-portrait-unnorm"), (1280, "image-prompt-plus"),
+                                               (1664, "image-prompt-plus"), (1024, "image-prompt-plus")])
+def test_a_resampler_is_unnorm_exactly_when_it_reads_face_embeddings(adapters, input_width, kind):
+    """The rule: same keys, and proj_in's input width decides: 512 is ArcFace, CLIP hidden states are
+    1024 (ViT-L), 1280 (ViT-H), 1664 (ViT-bigG) wide. The file name plays no part."""
+    nested = af.adapter_state_dict("image-prompt-plus", af.SD15, layer_widths=(320,) * 16, resampler_dim=128,
+                                   clip_hidden=input_width, resampler_depth=1)
+    w = adapters.recognise(nested["image_proj"], nested["ip_adapter"], "ip-adapter-plus_sd15.bin")
+    assert w.kind is adapters.AdapterKind(kind)
+    assert (w.clip_width, w.id_embedding_width) == ((None, 512) if input_width == 512 else (input_width, None))
 
 
 def test_unknown_kind_name(adapters, files):

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from facestudio_testing import adapter_files as af
+from facestudio_testing import reference_projection
 from facestudio_testing.meta_models import diffusers_unet
 
 ATOL = 1e-4
@@ -143,7 +144,7 @@ def test_image_prompt_plus_matches_diffusers(projection, adapters, diffusers_une
 
 
 def test_modules_hold_fp32_copies_loaded_strictly(projection, adapters):
-    for kind in ("faceid", "faceid-plus", "image-prompt", "image-prompt-plus"):
+    for kind in ("faceid", "faceid-plus", "faceid-portrait-unnorm", "image-prompt", "image-prompt-plus"):
         w = weights(adapters, kind, af.SD15)
         module = projection.projection_for(w)
         state = module.state_dict()
@@ -163,15 +164,56 @@ def test_incomplete_projection_is_an_adapter_error(projection, adapters):
 
 # --- Portrait, unconditional tokens, input checks -------------------------------------------------
 
-@pytest.mark.parametrize("kind", ["faceid-portrait", "faceid-portrait-unnorm"])
-def test_portrait_shots_become_tokens_in_order(projection, adapters, kind):
-    w = weights(adapters, kind, af.SD15)
+def test_portrait_shots_become_tokens_in_order(projection, adapters):
+    w = weights(adapters, "faceid-portrait", af.SD15)
     shots = randn(3, 512, seed=5)
     tokens = projection.identity_tokens(w, shots)
     assert tokens.shape == (1, 3 * 16, 768)
     each = torch.cat([projection.identity_tokens(w, shot[None]) for shot in shots], dim=1)
     close(tokens, each, atol=1e-5)  # batched vs one-row matmuls: rounding only
     assert not torch.allclose(tokens[:, :16], tokens[:, 16:32])
+
+
+def raw_embeddings(shots, seed):
+    """Rows about 25 long, as raw ArcFace embeddings (insightface's face.embedding) are, not unit length."""
+    return randn(shots, 512, seed=seed) * 1.1
+
+
+@pytest.mark.parametrize("base", af.BASES)
+@pytest.mark.parametrize("shots", [1, 3])
+def test_portrait_unnorm_matches_the_reference_resampler(projection, adapters, diffusers_unets, base, shots):
+    """The shots' raw embeddings are the reference Resampler's input sequence [1, shots, 512] -> 16 tokens,
+    checked against IP-Adapter's Resampler (from cubiq's pinned checkout) and diffusers' converter on the
+    same random weights. (cubiq's pack runs each shot as its own sequence: the same for one shot.)"""
+    w = weights(adapters, "faceid-portrait-unnorm", base)
+    emb = raw_embeddings(shots, seed=20 + shots)
+    ours = projection.identity_tokens(w, emb)
+    reference = reference_projection.portrait_unnorm_resampler(dict(w.image_proj), w.context_dim)
+    with torch.no_grad():
+        expected = reference(emb[None])
+        via_diffusers = diffusers_projection(diffusers_unets, "faceid-portrait-unnorm", base)(emb[None])
+    assert ours.shape == (1, 16, af.CONTEXT[base]) and ours.dtype == torch.float32
+    close(ours, expected)
+    close(ours, via_diffusers)
+    if shots > 1:  # the later shots change all 16 tokens: one sequence, not the first shot plus extras
+        assert not torch.allclose(ours, projection.identity_tokens(w, emb[:1]), atol=1e-3)
+
+
+def test_portrait_unnorm_reads_the_raw_scale(projection, adapters):
+    """Unlike Portrait, unnorm was trained on the unnormalised embedding: its length changes the tokens."""
+    w = weights(adapters, "faceid-portrait-unnorm", af.SDXL)
+    emb = raw_embeddings(2, seed=30)
+    unit = emb / emb.norm(dim=-1, keepdim=True)
+    assert not torch.allclose(projection.identity_tokens(w, emb), projection.identity_tokens(w, unit), atol=1e-3)
+
+
+def test_unconditional_portrait_unnorm_resamples_zero_shots(projection, adapters):
+    """The reference's negative side: the Resampler of torch.zeros_like(face_embeds), one zero row per shot."""
+    w = weights(adapters, "faceid-portrait-unnorm", af.SDXL)
+    reference = reference_projection.portrait_unnorm_resampler(dict(w.image_proj), w.context_dim)
+    with torch.no_grad():
+        expected = reference(torch.zeros(1, 3, 512))
+    close(projection.unconditional_identity_tokens(w, shots=3), expected)
 
 
 def test_unconditional_identity_tokens_project_zeros(projection, adapters):
@@ -325,3 +367,48 @@ def test_routed_two_persons_with_masks_equal_diffusers_masked_processor(projecti
     ours_masks = [routing.masks_to_tokens(masks[0, i], (gh, gw), 1, 1) for i in range(2)]
     for a, b in zip(ours_masks, token_masks):
         close(a, b, 1e-6)
+
+
+# --- memory at Apply ------------------------------------------------------------------------------
+
+class NewStorageBytes(torch.utils._python_dispatch.TorchDispatchMode):
+    """Sums the bytes of every new CPU storage the ops inside the mode create (views and in-place ops
+    make none)."""
+
+    def __init__(self):
+        super().__init__()
+        self.bytes, self._seen = 0, set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        inputs = {a.untyped_storage().data_ptr() for a in torch.utils._pytree.tree_leaves((args, kwargs))
+                  if isinstance(a, torch.Tensor) and a.device.type == "cpu"}
+        out = func(*args, **kwargs)
+        for o in torch.utils._pytree.tree_leaves(out):
+            if isinstance(o, torch.Tensor) and o.device.type == "cpu":
+                ptr = o.untyped_storage().data_ptr()
+                if ptr not in inputs and ptr not in self._seen:
+                    self._seen.add(ptr)
+                    self.bytes += o.untyped_storage().nbytes()
+        return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_the_projection_holds_one_fp32_copy_of_an_fp16_file_and_none_of_an_fp32_one(projection, adapters, tmp_path,
+                                                                                    dtype):
+    """projection_for allocates at most the fp32 size of the projection once (fp16 file), nothing for an
+    fp32 file (its tensors become the parameters): no initialised parameters to copy into."""
+    state = af.shared_state_dict("faceid-plus-v2", af.SD15)
+    state["image_proj"] = {k: v.to(dtype) for k, v in state["image_proj"].items()}
+    adapter = adapters.load_adapter(str(af.write_adapter(tmp_path / f"plus-v2-{dtype}.safetensors", state)))
+    fp32_bytes = sum(v.numel() * 4 for v in adapter.image_proj.values())
+    with NewStorageBytes() as counted:
+        module = projection.projection_for(adapter)
+    expected = fp32_bytes if dtype == torch.float16 else 0
+    assert expected <= counted.bytes <= expected + 64 * 1024, (counted.bytes, fp32_bytes)
+    if dtype == torch.float32:
+        ptrs = {v.data_ptr() for v in adapter.image_proj.values()}
+        assert all(p.data_ptr() in ptrs for p in module.parameters())
+    emb = torch.randn(1, 512)
+    clip = torch.randn(1, 257, adapter.clip_width)
+    assert torch.isfinite(projection.identity_tokens(adapter, emb, clip, module=module)).all()

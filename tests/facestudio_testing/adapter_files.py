@@ -14,6 +14,20 @@ about 340M and 80-200M parameters), and LoRA ranks are small (the releases use 1
 sizes for real-width files. SDXL FaceID Plus v2 adds its ID tokens to the resampler's output, so it
 needs resampler_dim 2048; resampler_depth / resampler_heads / ff_mult shrink such a resampler
 (tiny_sdxl.PLUS_SIZES).
+
+FaceID Portrait unnorm (ip-adapter-faceid-portrait_sdxl_unnorm.bin) is not the Portrait MLP but the
+IP-Adapter Plus `Resampler` over the raw 512-wide ArcFace embedding: cubiq's ComfyUI_IPAdapter_plus
+(9d076a3) builds it with init_proj_plus (IPAdapterPlus.py:67-68, :99-109: depth 4, 64-wide heads, 20
+of them on SDXL, ff x4) at width 1280 (:280-281) with 16 queries (:287-288), embedding_dim the raw
+face embedding's width (:363, :462) and output_dim the context width; it is IP-Adapter's own
+IPAdapterPlusXL Resampler (ip_adapter/ip_adapter.py:328-343) with embedding_dim 512. The release's
+1,009,523,411 bytes are those 70 SDXL layers in fp16 plus that resampler in fp32: torch.save of
+exactly that layout comes to 29,641 bytes more (container padding; Portrait sd15 measures +9,054 the
+same way), every other depth / dtype misses by megabytes. image_projection makes it at the release's
+width (1280, 20 heads); adapter_state_dict at 256 (4 heads) unless resampler_dim says otherwise.
+No SD1.5 unnorm was released (cubiq refuses the preset
+there, utils.py:79); the SD1.5 file here is the same layout at SD1.5's context, so the recognition
+rule, which does not depend on the base, is tested on both.
 """
 from __future__ import annotations
 
@@ -40,7 +54,7 @@ LORA_KINDS = {"faceid", "faceid-plus", "faceid-plus-v2"}
 TOKENS = {"faceid": 4, "faceid-plus": 4, "faceid-plus-v2": 4, "faceid-portrait": 16,
           "faceid-portrait-unnorm": 16, "image-prompt": 4, "image-prompt-plus": 16}
 
-# Release names: the loader tells Plus v1/v2 and Portrait/unnorm apart by them.
+# Release names: the loader tells Plus v1/v2 apart by them. (No "portrait_sd15_unnorm" exists; see above.)
 RELEASE_NAMES = {
     ("faceid", SD15): "ip-adapter-faceid_sd15", ("faceid", SDXL): "ip-adapter-faceid_sdxl",
     ("faceid-plus", SD15): "ip-adapter-faceid-plus_sd15", ("faceid-plus", SDXL): "ip-adapter-faceid-plus_sdxl",
@@ -76,6 +90,8 @@ DEFAULT_LAYER_WIDTHS = {SD15: TINY_SD15_WIDTHS, SDXL: COMPACT_SDXL_WIDTHS}
 DEFAULT_RESAMPLER_DIM = {SD15: None, SDXL: 256}
 DEFAULT_LORA_RANK = {SD15: 8, SDXL: 4}
 REFERENCE_PLUS_DIM = {SD15: 768, SDXL: 1280}
+UNNORM_DIM = 1280              # the release's resampler width (latents [1, 16, 1280])
+DEFAULT_UNNORM_DIM = 256       # adapter_state_dict's default: 82M parameters at 1280 buy a test nothing
 
 
 class _Random:
@@ -116,6 +132,15 @@ def _perceiver_blocks(sd: dict, rnd: _Random, prefix: str, dim: int, depth: int 
         _linear(sd, rnd, p + "1.3", dim, dim * ff_mult, bias=False)
 
 
+def _resampler(sd: dict, rnd: _Random, dim: int, input_width: int, ctx: int, tokens: int, blocks: dict) -> None:
+    """The reference `Resampler`: learned latents, proj_in from the input width, the blocks, proj_out, norm_out."""
+    sd["latents"] = rnd(1, tokens, dim, scale=dim ** -0.5)
+    _linear(sd, rnd, "proj_in", dim, input_width)
+    _linear(sd, rnd, "proj_out", ctx, dim)
+    _layer_norm(sd, rnd, "norm_out", ctx)
+    _perceiver_blocks(sd, rnd, "", dim, **blocks)
+
+
 def image_projection(kind: str, base: str, rnd: _Random, resampler_dim: int | None = None,
                      clip_hidden: int = VIT_H_HIDDEN, image_embeds: int | None = None, resampler_depth: int = 4,
                      resampler_heads: int | None = None, ff_mult: int = 4) -> dict[str, torch.Tensor]:
@@ -127,9 +152,14 @@ def image_projection(kind: str, base: str, rnd: _Random, resampler_dim: int | No
     ctx = CONTEXT[base]
     tokens = TOKENS[kind]
     sd: dict[str, torch.Tensor] = {}
+    if kind == "faceid-portrait-unnorm":
+        # Resampler(dim, depth 4, heads dim // 64, num_queries 16, embedding_dim ArcFace, output_dim ctx),
+        # stored in fp32 as the release does
+        _resampler(sd, rnd, resampler_dim or UNNORM_DIM, ARCFACE_WIDTH, ctx, tokens, blocks)
+        return {k: v.float() for k, v in sd.items()}
     if kind.startswith("faceid"):
         # MLPProjModel / ProjPlusModel.proj: ArcFace -> 2x -> tokens x width, then LayerNorm per token.
-        width = ctx if kind in ("faceid", "faceid-portrait", "faceid-portrait-unnorm") else (resampler_dim or ctx)
+        width = ctx if kind in ("faceid", "faceid-portrait") else (resampler_dim or ctx)
         _linear(sd, rnd, "proj.0", FACEID_HIDDEN, ARCFACE_WIDTH)
         _linear(sd, rnd, "proj.2", width * tokens, FACEID_HIDDEN)
         _layer_norm(sd, rnd, "norm", width)
@@ -144,12 +174,7 @@ def image_projection(kind: str, base: str, rnd: _Random, resampler_dim: int | No
         _layer_norm(sd, rnd, "norm", ctx)
     elif kind == "image-prompt-plus":
         # Resampler(dim, depth 4, heads dim // 64, num_queries 16, embedding_dim ViT-H, output_dim ctx)
-        dim = resampler_dim or REFERENCE_PLUS_DIM[base]
-        sd["latents"] = rnd(1, tokens, dim, scale=dim ** -0.5)
-        _linear(sd, rnd, "proj_in", dim, clip_hidden)
-        _linear(sd, rnd, "proj_out", ctx, dim)
-        _layer_norm(sd, rnd, "norm_out", ctx)
-        _perceiver_blocks(sd, rnd, "", dim, **blocks)
+        _resampler(sd, rnd, resampler_dim or REFERENCE_PLUS_DIM[base], clip_hidden, ctx, tokens, blocks)
     else:
         raise ValueError(f"unknown kind {kind!r}")
     return sd
@@ -179,7 +204,7 @@ def adapter_state_dict(kind: str, base: str, *, seed: int = 0, layer_widths=None
         raise ValueError(f"unknown kind/base {kind!r}/{base!r}")
     rnd = _Random(seed, dtype)
     if resampler_dim == -1:
-        resampler_dim = DEFAULT_RESAMPLER_DIM[base]
+        resampler_dim = DEFAULT_UNNORM_DIM if kind == "faceid-portrait-unnorm" else DEFAULT_RESAMPLER_DIM[base]
     if lora_rank == -1:
         lora_rank = DEFAULT_LORA_RANK[base]
     widths = tuple(layer_widths) if layer_widths is not None else DEFAULT_LAYER_WIDTHS[base]
@@ -191,7 +216,7 @@ def adapter_state_dict(kind: str, base: str, *, seed: int = 0, layer_widths=None
 
 
 # Kinds whose files differ only in name: one state dict serves both.
-SAME_TENSORS = {"faceid-plus-v2": "faceid-plus", "faceid-portrait-unnorm": "faceid-portrait"}
+SAME_TENSORS = {"faceid-plus-v2": "faceid-plus"}
 
 
 @functools.lru_cache(maxsize=None)
