@@ -17,6 +17,7 @@ person lists, so all persons share one A_text and one routed call.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 import logging
@@ -39,8 +40,9 @@ from .projection import (
     unconditional_identity_tokens,
     unconditional_style_tokens,
 )
-from .routing import TokenGroups, find_downscale, masks_to_tokens, route_chunks, text_gain
+from .routing import TokenGroups, combine_regions, find_downscale, masks_to_tokens, route_chunks, text_gain
 from .token_store import TokenStore, store_patcher
+from ..encoders.recognizers import check_recognizer
 
 KV = tuple[torch.Tensor, torch.Tensor]
 STORE_KEY = "facestudio_tokens"  # the MODEL's additional_models entry for the TokenStore
@@ -86,10 +88,11 @@ def add_person(persons: Sequence[Person] | None, identity, mask: torch.Tensor | 
 
 @dataclass(frozen=True, eq=False)
 class PersonLayer:
-    """A person's K/V at one layer (fp32, CPU, [1, T, inner]) and when/where it applies."""
+    """A person's K/V at one layer (fp32, CPU, [1, T, inner]) and when/where it applies. In a patch bound
+    to a TokenStore, cond/uncond are None: the store holds the only copy (`FaceStudioAttention.layers`)."""
 
-    cond: KV
-    uncond: KV
+    cond: KV | None
+    uncond: KV | None
     weight: float
     sigma_start: float  # active while sigma_end <= sigma <= sigma_start
     sigma_end: float
@@ -98,8 +101,8 @@ class PersonLayer:
 
 @dataclass(frozen=True, eq=False)
 class StyleLayer:
-    cond: KV
-    uncond: KV
+    cond: KV | None  # None when bound to a TokenStore, as in PersonLayer
+    uncond: KV | None
     scale: float
 
 
@@ -157,7 +160,8 @@ class FaceStudioAttention:
         # percent_to_sigma(0) is 999999999.9 and (1) is 0: persons from 0 to 1 act at every sigma.
         self._every_step = all(p.sigma_end <= 0.0 and p.sigma_start >= 999999999.0 for p in self.persons)
         self._groups: dict = {}   # heads -> (cond, uncond) TokenGroups, when unbound
-        self._regions: dict = {}  # (latent hw, Nq, batch, device) -> (token masks, region weights)
+        self._regions: dict = {}  # (latent hw, Nq, batch, device) -> (stacked masks, weights, region weights)
+        self._on_device: dict = {}  # (what, device, ...) -> a small constant tensor moved there once
         self.device = None
         self._per_device: dict = {}  # device -> its instance; shared by every instance .to() derives
         self._per_device_lock = threading.Lock()
@@ -187,16 +191,31 @@ class FaceStudioAttention:
         if self.unfold_batch != other.unfold_batch:
             raise ValueError("Chained FaceStudio Apply nodes must agree on unfold_batch: it deals the persons of "
                              "both lists to the latents of the batch together.")
-        return FaceStudioAttention(self.persons + other.persons, self.style or other.style, self.alpha, self.wrapped,
+        (mine, my_style), (theirs, their_style) = self.layers(), other.layers()
+        return FaceStudioAttention(mine + theirs, my_style or their_style, self.alpha, self.wrapped,
                                    unfold_batch=self.unfold_batch)
+
+    def layers(self) -> tuple[tuple[PersonLayer, ...], StyleLayer | None]:
+        """(persons, style) with their K/V: this patch's own, or, bound to a store, read back from it
+        (exactly: TokenGroups.segment_kv)."""
+        if self.store is None or not self.persons and self.style is None:
+            return self.persons, self.style
+        cond, uncond = self.store.groups(self.index)
+        kv = [tuple(tuple(t.cpu() for t in g.segment_kv(s)) for g in (cond, uncond)) for s in range(cond.segments)]
+        persons = tuple(dataclasses.replace(p, cond=c, uncond=u) for p, (c, u) in zip(self.persons, kv))
+        style = None if self.style is None else dataclasses.replace(self.style, cond=kv[-1][0], uncond=kv[-1][1])
+        return persons, style
 
     def wrapping(self, wrapped: Callable) -> "FaceStudioAttention":
         return FaceStudioAttention(self.persons, self.style, self.alpha, wrapped, self.store, self.index,
                                    self.unfold_batch)
 
     def bound_to(self, store: TokenStore, index: int) -> "FaceStudioAttention":
-        return FaceStudioAttention(self.persons, self.style, self.alpha, self.wrapped, store, index,
-                                   self.unfold_batch)
+        """This patch reading its tokens from `store` layer `index` (built from this patch's layers), which
+        then holds the only copy of the K/V."""
+        persons = tuple(dataclasses.replace(p, cond=None, uncond=None) for p in self.persons)
+        style = None if self.style is None else dataclasses.replace(self.style, cond=None, uncond=None)
+        return FaceStudioAttention(persons, style, self.alpha, self.wrapped, store, index, self.unfold_batch)
 
     def to(self, target, *args, **kwargs) -> "FaceStudioAttention":
         """The host calls this on every patches_replace entry: with the model's load device and dtype
@@ -232,8 +251,17 @@ class FaceStudioAttention:
                 return groups
         groups = self._groups.get(heads)
         if groups is None:
-            groups = self._groups[heads] = _build_groups(self.persons, self.style, heads)
+            groups = self._groups[heads] = _build_groups(*self.layers(), heads)
         return groups
+
+    def _moved(self, what, make: Callable[[], torch.Tensor], device, dtype=None) -> torch.Tensor:
+        """The constant `make()` on `device`, copied there once: a host-to-device copy at every call
+        would make the sampler wait at every layer."""
+        key = (what, device, dtype)
+        moved = self._on_device.get(key)
+        if moved is None:
+            moved = self._on_device[key] = make().to(device, dtype)
+        return moved
 
     def _region_weights(self, groups: TokenGroups, latent_hw, nq: int, batch: int, device,
                         activity: torch.Tensor | None):
@@ -247,11 +275,18 @@ class FaceStudioAttention:
                          for m in masks]
             else:
                 masks = [None] * len(masks)
-            cached = self._regions[key] = (masks, groups.region_weights(masks).to(device))
-        masks, regions = cached
+            given = [m for m in masks if m is not None]
+            shape = torch.broadcast_shapes((1, 1), *(m.shape for m in given))
+            one = torch.ones((), device=device)
+            stacked = (torch.stack([one.expand(shape) if m is None else m.float().expand(shape) for m in masks], -1)
+                       if masks else torch.zeros(1, 1, 0, device=device))  # a style alone: no person columns
+            weights = groups.weights.to(device)
+            cached = self._regions[key] = (stacked, weights, combine_regions(stacked, weights))
+        stacked, weights, regions = cached
         if activity is None:
             return regions
-        return groups.region_weights(masks, activity).to(device)
+        # Everything on the compute device: the activity was decided there (see _activity).
+        return combine_regions(stacked, weights, activity.to(device))
 
     def _activity(self, sigmas: torch.Tensor | None, batch: int) -> torch.Tensor | None:
         """[S, 1, P] 1/0: person p acts in latent row s (its sigma in [end, start], and with unfold_batch
@@ -267,10 +302,10 @@ class FaceStudioAttention:
                 raise ValueError(f"{s.shape[0]} sigmas for a latent batch of {batch}")
             if s.device.type != "cpu":
                 # Decided on the device: reading the sigmas back would stall the GPU at every layer.
-                bounds = self._sigma_bounds.to(s.device, s.dtype)
+                bounds = self._moved("sigma bounds", lambda: self._sigma_bounds, s.device, s.dtype)
                 active = (bounds[:, 0] <= s[:, None]) & (s[:, None] <= bounds[:, 1])
                 if self.unfold_batch:
-                    active = active & self._dealt(batch).to(s.device)
+                    active = active & self._moved(("dealt", batch), lambda: self._dealt(batch), s.device)
                 return active.float()[:, None, :]
             s = s.double()
             if (s == s[0]).all():
@@ -317,13 +352,18 @@ def _identity_inputs(adapter: IPAdapterWeights, identity, what: str = "The ident
     if identity.embedding_dim != width:
         raise AdapterError(
             f"{what} was made with a {identity.embedding_dim}-wide face recognizer ({identity.recognizer}), "
-            f"but {adapter.source} reads {width}-wide ArcFace embeddings: encode the identity with an ArcFace "
-            f"pack such as buffalo_l or antelopev2.")
+            f"but {adapter.source} reads {width}-wide ArcFace embeddings: encode the identity with the ArcFace "
+            f"pack it was trained with (buffalo_l for the FaceID family).")
+    # Same width is not the same embedding space (antelopev2's glintr100 is 512 wide too): check which
+    # recognizer, by its file's hash, against the one this kind was trained on.
+    problem = check_recognizer(adapter.kind, identity.recognizer, adapter.source, what)
+    if problem is not None:
+        raise AdapterError(problem)
     kind = adapter.kind
     if kind is AdapterKind.FACEID_PORTRAIT:
-        emb = identity.normed_embeddings
+        emb = identity.shot_rows(normed=True)
     elif kind is AdapterKind.FACEID_PORTRAIT_UNNORM:
-        emb = identity.embeddings
+        emb = identity.shot_rows(normed=False)
     else:
         emb = identity.embedding[None]
     clip = uncond_clip = None
@@ -466,6 +506,14 @@ def apply_facestudio(model, adapter: IPAdapterWeights, persons: Sequence[Person]
     # One store per MODEL: a chained Apply's merged store replaces the earlier one.
     store = TokenStore([_build_groups(p.persons, p.style, pos.heads) for p, pos in zip(patches, positions)])
     clone.set_additional_models(STORE_KEY, [store_patcher(store, model.load_device, model.offload_device)])
+    # The host calls the (block, index, transformer) entry, else the (block, index) one; cubiq's IPAdapter
+    # uses the 2-tuple on SD1.5 and .add()s to an entry already there. Where a block holds one transformer
+    # both keys name the same attention, so ours goes at both: a later IPAdapter then finds it (and gets
+    # PatchOrderError) instead of adding an entry the host never calls.
+    blocks = [layer.position.patch_key[:2] for layer in mapped]
     for n, (patch, layer) in enumerate(zip(patches, mapped)):
-        clone.set_model_attn2_replace(patch.bound_to(store, n), *layer.position.patch_key)
+        bound, key = patch.bound_to(store, n), layer.position.patch_key
+        clone.set_model_attn2_replace(bound, *key)
+        if blocks.count(key[:2]) == 1:
+            clone.set_model_attn2_replace(bound, *key[:2])
     return clone

@@ -47,6 +47,7 @@ __all__ = [
     "token_grid",
     "find_downscale",
     "masks_to_tokens",
+    "combine_regions",
 ]
 
 
@@ -80,7 +81,8 @@ class TokenGroups:
     Build with `TokenGroups.build`; treat the tensors as read-only. Segments are the persons in
     order, then the style if any; each is zero-padded to `segment_length` tokens.
 
-    keys:     [Bk, H, S*T, d], pre-scaled by d**-0.5 so that keys @ q^T is K q^T / sqrt(d)
+    keys:     [Bk, H, S*T, d] (`route` scales the scores by d**-0.5, so the keys are the layer's K exactly and
+              `segment_kv` gives each segment's K/V back bit for bit: a chained Apply rebuilds from them)
     values:   [Bk, H, S*T, d]
     pad_bias: [S*T, 1] with 0 on real tokens and -inf on padding, or None when no segment is padded;
               added to the scores before the per-segment softmax, so padding only ever competes
@@ -138,7 +140,7 @@ class TokenGroups:
             x = torch.stack(padded, 1).reshape(bk, len(tensors) * seg, heads, d)
             return x.permute(0, 2, 1, 3).contiguous()
 
-        keys = stack([k for k, _ in groups]) * d**-0.5
+        keys = stack([k for k, _ in groups])
         values = stack([v for _, v in groups])
         pad_bias = None
         if any(n < seg for n in lengths):
@@ -146,6 +148,17 @@ class TokenGroups:
             pad_bias = torch.zeros(real.shape, dtype=dtype).masked_fill_(~real, float("-inf")).view(-1, 1)
         weights = torch.tensor([float(w) for _, _, w in persons], dtype=torch.float32)
         return cls(keys, values, pad_bias, weights, lengths, heads, None if style is None else float(style[2]))
+
+    def segment_kv(self, s: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(K, V) [Bk, T_s, H*d] of segment s (persons in order, then the style) exactly as given to `build`
+        (in `build`'s dtype): the inverse of the layout, without padding."""
+        seg, n = self.segment_length, self.lengths[s]
+
+        def unstack(x):
+            part = x[:, :, s * seg: s * seg + n]  # [Bk, H, T_s, d]
+            return part.permute(0, 2, 1, 3).reshape(x.shape[0], n, -1)
+
+        return unstack(self.keys), unstack(self.values)
 
     @property
     def persons(self) -> int:
@@ -207,14 +220,21 @@ class TokenGroups:
         for m in given:
             if m.ndim != 2:
                 raise ValueError(f"masks must be [1 or B, Nq], got {tuple(m.shape)}")
-        device = given[0].device if given else self.weights.device
+        # On the masks' device, else the activity's (decided on the compute device), else the weights'.
+        device = given[0].device if given else activity.device if activity is not None else self.weights.device
         shape = torch.broadcast_shapes((1, 1), *(m.shape for m in given))
         one = torch.ones((), device=device)
         m = torch.stack([one.expand(shape) if x is None else x.float().expand(shape) for x in masks], -1)
-        if activity is not None:
-            m = m * activity.to(device)
-        # Overlaps share the region (sum of masks > 1 is renormalised); elsewhere a soft mask fades out.
-        return m * self.weights.to(device) / m.sum(-1, keepdim=True).clamp_min(1.0)
+        return combine_regions(m, self.weights.to(device), activity)
+
+
+def combine_regions(masks: torch.Tensor, weights: torch.Tensor, activity: torch.Tensor | None = None) -> torch.Tensor:
+    """w_hat = w_i m_i / max(1, sum_j m_j) from stacked masks [Bm, Nq or 1, P] and weights [P] on one
+    device; `activity` [1 or B, 1, P] (1/0) first leaves out the persons not acting in a row."""
+    if activity is not None:
+        masks = masks * activity
+    # Overlaps share the region (sum of masks > 1 is renormalised); elsewhere a soft mask fades out.
+    return masks * weights / masks.sum(-1, keepdim=True).clamp_min(1.0)
 
 
 def route(
@@ -271,7 +291,7 @@ def route(
 
     # One copy makes q^T [B, H, d, Nq] contiguous in the score precision.
     qt = q.reshape(b, nq, heads, d).permute(0, 2, 3, 1).to(dtype=precision, memory_format=torch.contiguous_format)
-    scores = torch.matmul(grp.keys, qt)  # [B, H, S*T, Nq]
+    scores = torch.matmul(grp.keys, qt).mul_(d**-0.5)  # [B, H, S*T, Nq]: K q^T / sqrt(d)
     if grp.pad_bias is not None:
         scores += grp.pad_bias
     probs = torch.softmax(scores.view(b, heads, seg, tok, nq), dim=-2)  # per person's own tokens

@@ -24,7 +24,10 @@ class TokenStore(torch.nn.Module):
     """Every layer's (cond, uncond) TokenGroups tensors of one Apply, as frozen parameters.
 
     Parameters, not buffers: the host's ModelPatcher moves and sizes a module's parameters.
-    `groups(n)` rebuilds the small TokenGroups views around whatever device the host put them on.
+    `groups(n)` gives TokenGroups views of whatever tensors the host put there, made again only when
+    those tensors change: a TokenGroups keeps its copies for the compute device (`TokenGroups.to`), so
+    while the host leaves the store offloaded (low VRAM) each layer's K/V still goes up once, not at
+    every call. The store is the only holder of the K/V once the patches are bound to it.
     """
 
     def __init__(self, layers: Sequence[tuple[TokenGroups, TokenGroups]]):
@@ -41,14 +44,19 @@ class TokenStore(torch.nn.Module):
             self._layout.append(tuple(entry))
         # This store, then its replicas (the same values); append-only, so worker threads read it unlocked.
         self._family = [weakref.ref(self)]
+        self._views: dict = {}  # layer -> (what its tensors were, its TokenGroups pair)
 
     def groups(self, n: int) -> tuple[TokenGroups, TokenGroups]:
-        out = []
-        for first, padded, weights, lengths, heads, style_scale in self._layout[n]:
-            bias = self.tensors[first + 2].data if padded else None
-            out.append(TokenGroups(self.tensors[first].data, self.tensors[first + 1].data, bias, weights, lengths,
-                                   heads, style_scale))
-        return tuple(out)
+        tensors = [[self.tensors[first + i].data for i in range(3 if padded else 2)]
+                   for first, padded, *_ in self._layout[n]]
+        seen = tuple((t.device, t.dtype, t.data_ptr()) for pair in tensors for t in pair)
+        cached = self._views.get(n)
+        if cached is not None and cached[0] == seen:
+            return cached[1]
+        out = tuple(TokenGroups(ts[0], ts[1], ts[2] if padded else None, weights, lengths, heads, style_scale)
+                    for ts, (_, padded, weights, lengths, heads, style_scale) in zip(tensors, self._layout[n]))
+        self._views[n] = (seen, out)  # one entry per layer: copies made for an older placement go with it
+        return out
 
     def replica(self, device: torch.device) -> "TokenStore":
         """A copy with its own tensors on `device`, in this store's family."""

@@ -305,8 +305,8 @@ class PerPersonAttention:
     K/V and token masks are cached per device/dtype/grid, as ours are: only the call structure differs."""
 
     def __init__(self, facestudio):
-        self.persons = [(p.cond, p.uncond, p.weight, p.mask) for p in facestudio.persons]
-        style = facestudio.style
+        persons, style = facestudio.layers()  # the K/V, read back from the token store
+        self.persons = [(p.cond, p.uncond, p.weight, p.mask) for p in persons]
         self.style = None if style is None else (style.cond, style.uncond, style.scale)
         self._kv: dict = {}
         self._masks: dict = {}

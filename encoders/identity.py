@@ -12,7 +12,8 @@ penultimate hidden states). Given the host's CLIP vision model object (anything 
 in, never imported), `encode_identity` stores each kept shot's penultimate hidden states
 (`clip_features`, (N, T, W)) and their combination (`combined_clip_features`, (T, W)): the same
 detection-score-weighted mean over the kept shots as the embedding, but not renormalized (hidden
-states are not unit vectors). The crop is square, so the host's crop/no-crop resize agree. With them
+states are not unit vectors). The crop is at the CLIP model's 224 px, so the host only rescales and
+normalizes it, as CLIPImageProcessor does (tests/test_plus_v2_reference.py runs it). With them
 goes the same model's features of an all-zero normalized image (`unconditional_clip_features`, see
 encoders/clip_vision.py): the uncond branch of FaceID Plus, as in the reference code.
 
@@ -68,6 +69,10 @@ FORMAT_VERSION = 2
 READABLE_VERSIONS = ("1", "2")
 DEFAULT_OUTLIER_THRESHOLD = 0.4
 MIN_SHOTS_FOR_OUTLIERS = 3
+# The FaceID Plus reference crops 224 px for SD1.5 and SDXL alike (norm_crop(..., image_size=224) in
+# the model card's Plus demo and the training crop on the IP-Adapter-Face wiki page; IPAdapterFaceIDPlusXL
+# inherits get_image_embeds unchanged), so one crop serves every Plus adapter. cubiq's 256 px on SDXL is not
+# the reference's (README, "Where FaceStudio differs from ComfyUI_IPAdapter_plus").
 CROP_SIZE = 224
 ON_MISSING = ("error", "skip")
 CANCEL_NORM = 1e-6
@@ -107,11 +112,16 @@ class FaceIdentity:
     clip_width: int | None = None  # W
     combined_clip_features: np.ndarray | None = None  # (T, W) float32: score-weighted mean of clip_features
     unconditional_clip_features: np.ndarray | None = None  # (T, W) float32: the same model's zero-image features
+    # A mix's rows for adapters that take shots as tokens (Portrait), blended with the mix weights
+    # (mix_identities); None for an identity of one person, whose rows are its shots.
+    mixed_embeddings: np.ndarray | None = None  # (M, D) float32, raw-embedding scale
+    mixed_normed_embeddings: np.ndarray | None = None  # (M, D) float32, unit rows
     format_version: int = FORMAT_VERSION
 
     def __post_init__(self):
         for name in ("embeddings", "normed_embeddings", "embedding", "crops", "det_scores", "bboxes", "kps", "clip_features",
-                     "combined_clip_features", "unconditional_clip_features"):
+                     "combined_clip_features", "unconditional_clip_features", "mixed_embeddings",
+                     "mixed_normed_embeddings"):
             value = getattr(self, name)
             if value is not None:
                 value.setflags(write=False)
@@ -136,6 +146,13 @@ class FaceIdentity:
         if len(set(clip_given)) != 1:
             raise IdentityError("clip_features, combined_clip_features, unconditional_clip_features and clip_width "
                                 "go together")
+        mixed = (self.mixed_embeddings, self.mixed_normed_embeddings)
+        if (mixed[0] is None) != (mixed[1] is None):
+            raise IdentityError("mixed_embeddings and mixed_normed_embeddings go together")
+        if mixed[0] is not None and (mixed[0].shape != mixed[1].shape or mixed[0].ndim != 2 or len(mixed[0]) < 1
+                                     or mixed[0].shape[1] != self.recognizer.embedding_dim):
+            raise IdentityError(f"identity mixed embeddings have shapes {tuple(mixed[0].shape)} and "
+                                f"{tuple(mixed[1].shape)}, expected (M, {self.recognizer.embedding_dim}) both")
         if self.clip_features is not None:
             features, combined = self.clip_features, self.combined_clip_features
             if features.ndim != 3 or features.shape[0] != n or features.shape[2] != self.clip_width:
@@ -149,6 +166,13 @@ class FaceIdentity:
     @property
     def shot_count(self) -> int:
         return len(self.used)
+
+    def shot_rows(self, normed: bool = True) -> np.ndarray:
+        """(M, D) the rows an adapter that takes every shot as tokens reads (FaceID Portrait: unit rows;
+        Portrait unnorm: `normed=False`, the raw scale): the shots, or a mix's weighted blend of them."""
+        if self.mixed_embeddings is not None:
+            return self.mixed_normed_embeddings if normed else self.mixed_embeddings
+        return self.normed_embeddings if normed else self.embeddings
 
     @property
     def embedding_dim(self) -> int:
@@ -205,11 +229,20 @@ CLIP_BATCH = 16
 
 def encode_clip_crops(clip_vision, crops: np.ndarray) -> np.ndarray:
     """The penultimate hidden states (N, T, W) float32 of uint8 RGB crops (N, S, S, 3), through the
-    host's CLIP vision model object (its `encode_image` does its own resize and normalization)."""
+    host's CLIP vision model object: the reference's CLIPImageProcessor + hidden_states[-2].
+
+    Crops must already be at the model's input size (224 for ViT-H/bigG): the host then only rescales
+    and normalizes, which equals CLIPImageProcessor to float precision, where a resize would go
+    through torch's antialiased bicubic instead of the processor's PIL bicubic (a different image)."""
     import torch
 
     if not callable(getattr(clip_vision, "encode_image", None)):
         raise IdentityError(f"expected a CLIP vision model (CLIP_VISION), got {type(clip_vision).__name__}")
+    size = int(getattr(clip_vision, "image_size", CROP_SIZE))
+    if crops.ndim != 4 or crops.shape[1:] != (size, size, 3):
+        raise IdentityError(f"the face crops are {tuple(crops.shape[1:])} but this CLIP vision model takes "
+                            f"{size}x{size} RGB images: FaceID Plus adapters were trained on {CROP_SIZE}-px face "
+                            f"crops through CLIP ViT-H/14 ({CROP_SIZE} px); load that model with Load CLIP Vision")
     out = []
     for start in range(0, len(crops), CLIP_BATCH):
         batch = torch.from_numpy(np.array(crops[start:start + CLIP_BATCH], np.float32)) / 255.0  # a writable copy
@@ -476,7 +509,10 @@ def mix_identities(parts: Sequence[tuple[FaceIdentity, float]]) -> FaceIdentity:
 
     Parts with weight 0 are left out; with one part left, its identity comes back unchanged (so
     weights 1/0 give the first identity's embedding exactly). The shots of the mixed identities
-    (weight != 0) are kept, in order, for adapters that take shots as tokens. CLIP features (when
+    (weight != 0) are kept, in order (the report, scoring). Adapters that take shots as tokens
+    (Portrait) read `shot_rows`: as many rows as the largest mixed identity has, row k the weighted
+    sum of each identity's row k (cycling through a smaller one's), so the weights act there too and
+    not the shot counts (see _mixed_rows). CLIP features (when
     every mixed identity has them) mix with the same weights: sum(w * combined) / sum(w). Raises
     IdentityError when the recognizers differ, the mix cancels out, or only some mixed identities
     have CLIP features, or theirs differ in shape.
@@ -539,6 +575,7 @@ def mix_identities(parts: Sequence[tuple[FaceIdentity, float]]) -> FaceIdentity:
                                 "Change the weights.")
         mixed = sum(w * i.combined_clip_features.astype(np.float64) for i, w in active) / weight_sum
         clip, combined_clip, clip_width = cat("clip_features"), mixed.astype(np.float32), identities[0].clip_width
+    mixed_raw, mixed_normed = _mixed_rows(active)
     crops = [i.crops for i in identities]
     if len({c.shape[1:] for c in crops}) != 1:
         raise IdentityError("cannot mix identities whose face crops differ in size")
@@ -558,7 +595,29 @@ def mix_identities(parts: Sequence[tuple[FaceIdentity, float]]) -> FaceIdentity:
         clip_width=clip_width,
         combined_clip_features=combined_clip,
         unconditional_clip_features=unconditional_clip,
+        mixed_embeddings=mixed_raw,
+        mixed_normed_embeddings=mixed_normed,
     )
+
+
+def _mixed_rows(active: Sequence[tuple[FaceIdentity, float]]) -> tuple[np.ndarray, np.ndarray]:
+    """A mix's Portrait rows (raw, unit): row k = unit(sum_i w_i u_i[k mod n_i]) over the identities'
+    unit rows u_i, as the combined embedding mixes; the raw row is that direction at the rows' mean
+    norm weighted by |w_i| (Portrait unnorm reads the magnitude). Concatenating the shots instead would
+    mix by shot count: 0.3 / 0.7 of a 3-shot and a 2-shot person gave 3/5 and 2/5 of the tokens."""
+    count = max(len(i.shot_rows()) for i, _ in active)
+    raw_rows, unit_rows = [], []
+    for k in range(count):
+        direction = sum(w * i.shot_rows(True)[k % len(i.shot_rows())].astype(np.float64) for i, w in active)
+        norm = float(np.linalg.norm(direction))
+        if norm < CANCEL_NORM:
+            raise IdentityError(f"the mix cancels out in its shot {k} (norm {norm:.2e}): the weighted identities "
+                                "point in opposite directions. Change the weights.")
+        unit = direction / norm
+        scale = sum(abs(w) * float(np.linalg.norm(i.shot_rows(False)[k % len(i.shot_rows())])) for i, w in active)
+        unit_rows.append(unit)
+        raw_rows.append(unit * scale / sum(abs(w) for _, w in active))
+    return _readonly(raw_rows, np.float32), _readonly(unit_rows, np.float32)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -579,6 +638,9 @@ def save_identity(identity: FaceIdentity, path: str | os.PathLike) -> Path:
         tensors["clip_features"] = np.ascontiguousarray(identity.clip_features)
         tensors["combined_clip_features"] = np.ascontiguousarray(identity.combined_clip_features)
         tensors["unconditional_clip_features"] = np.ascontiguousarray(identity.unconditional_clip_features)
+    if identity.mixed_embeddings is not None:
+        tensors["mixed_embeddings"] = np.ascontiguousarray(identity.mixed_embeddings)
+        tensors["mixed_normed_embeddings"] = np.ascontiguousarray(identity.mixed_normed_embeddings)
     metadata = {
         "format": FORMAT_NAME,
         "format_version": str(FORMAT_VERSION),
@@ -650,6 +712,8 @@ def load_identity(path: str | os.PathLike) -> FaceIdentity:
                                     if "combined_clip_features" in tensors else None),
             unconditional_clip_features=(_readonly(tensors["unconditional_clip_features"], np.float32)
                                          if "unconditional_clip_features" in tensors else None),
+            **{name: _readonly(tensors[name], np.float32) if name in tensors else None
+               for name in ("mixed_embeddings", "mixed_normed_embeddings")},
         )
     except IdentityError as error:
         raise IdentityError(f"{path.name} is not a valid identity: {error}") from error

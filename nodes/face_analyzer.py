@@ -56,8 +56,10 @@ class FaceStudioFaceAnalyzerLoader(io.ComfyNode):
                         "(models/insightface/models/<name>).",
             inputs=[
                 io.Combo.Input("pack", options=pack_names(),
-                               tooltip="An insightface model pack folder in models/insightface/models "
-                                       "(buffalo_l for IP-Adapter FaceID; antelopev2 also works)."),
+                               tooltip="An insightface model pack folder in models/insightface/models. "
+                                       "IP-Adapter FaceID (every kind) needs buffalo_l: it was trained on its "
+                                       "w600k_r50 embeddings, and Apply refuses identities made with antelopev2 "
+                                       "(glintr100, also 512 wide but another embedding space)."),
                 io.Combo.Input("provider", options=list(PROVIDERS), default="auto",
                                tooltip="Where the face models run. 'auto' picks the best one this onnxruntime has; "
                                        "a provider that cannot start is reported in the log, not hidden."),

@@ -187,9 +187,10 @@ def test_controls_reach_the_patch_through_apply(mods, loaded):
     plain = patch_mod.apply_facestudio(model, adapter, persons)
     scaled = patch_mod.apply_facestudio(model, adapter, persons, embeds_scaling="K+V w/ C penalty", unfold_batch=True)
     for first, second in zip(replacements(plain).values(), replacements(scaled).values()):
-        width = first.persons[0].cond[0].shape[-1]
+        mine, theirs = first.layers()[0][0], second.layers()[0][0]  # K/V read back from each store
+        width = mine.cond[0].shape[-1]
         factor = 0.5 * width / 1280.0
-        torch.testing.assert_close(second.persons[0].cond[0], first.persons[0].cond[0] * factor)
+        torch.testing.assert_close(theirs.cond[0], mine.cond[0] * factor)
         assert first.persons[0].weight == 0.5 and second.persons[0].weight == 1.0 and second.unfold_batch
     with pytest.raises(ValueError, match="style_blocks must be one of"):
         patch_mod.apply_facestudio(model, adapter, persons, style_blocks="layout")

@@ -2,14 +2,13 @@
 s_scale in out = x + s * resampler(x, clip), on the cond and the unconditional tokens alike."""
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import numpy as np
 import pytest
 import torch
 
 from facestudio_testing import adapter_files as af
 from facestudio_testing import clip_models
+from facestudio_testing import face_models as fm
 
 from test_apply import apply, base, identity, person, run_latent, setup  # noqa: F401  (fixture)
 
@@ -19,13 +18,20 @@ V2 = "fs_scale_faceid-plus-v2_sd15.safetensors"  # 'v2' in the name: auto picks 
 VITL_HIDDEN = 1024                                 # the test ViT-L's hidden width, which this adapter reads
 
 
-def _identity(seed: int, clip_tokens: int = 9, width: int = af.VIT_H_HIDDEN):
+def _identity(booted, seed: int, clip_tokens: int = 9, width: int = af.VIT_H_HIDDEN):
+    """A one-shot FaceIdentity (the pack's own type) with a seeded embedding and CLIP features."""
+    ident, faces = booted.pack_module("encoders.identity"), booted.pack_module("encoders.faces")
     rng = np.random.default_rng(seed)
     emb = rng.standard_normal(512).astype(np.float32)
-    return SimpleNamespace(embedding_dim=512, recognizer="test", embedding=emb,
-                           combined_clip_features=rng.standard_normal((clip_tokens, width)).astype(np.float32),
-                           unconditional_clip_features=rng.standard_normal((clip_tokens, width)).astype(np.float32),
-                           clip_width=width)
+    unit = emb / np.linalg.norm(emb)
+    features = rng.standard_normal((1, clip_tokens, width)).astype(np.float32)
+    return ident.FaceIdentity(
+        embeddings=emb[None], normed_embeddings=unit[None], embedding=unit,
+        recognizer=faces.RecognizerIdentity(fm.TINY_RECOGNIZER, "%016x" % seed, 512),
+        crops=np.zeros((1, 224, 224, 3), np.uint8), det_scores=np.ones(1, np.float32),
+        bboxes=np.array([[0, 0, 10, 10]], np.float32), kps=np.zeros((1, 5, 2), np.float32), used=(0,),
+        photo_count=1, clip_features=features, clip_width=width, combined_clip_features=features[0],
+        unconditional_clip_features=rng.standard_normal((clip_tokens, width)).astype(np.float32))
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +44,7 @@ def v2_adapter(booted, tmp_path_factory):
 def test_person_tokens_follow_the_reference_formula_on_both_sides(booted, v2_adapter):
     patch, projection = booted.pack_module("attention.patch"), booted.pack_module("attention.projection")
     module = projection.projection_for(v2_adapter)
-    ident, negative = _identity(1), _identity(2)
+    ident, negative = _identity(booted, 1), _identity(booted, 2)
     emb = torch.from_numpy(ident.embedding)[None]
     clip = torch.from_numpy(ident.combined_clip_features)[None]
     zero_clip = torch.from_numpy(ident.unconditional_clip_features)[None]
@@ -70,7 +76,7 @@ def test_other_kinds_ignore_the_scale(booted, tmp_path):
         adapter = adapters.load_adapter(str(af.write_adapter(tmp_path / f"{kind}.safetensors",
                                                              af.shared_state_dict(kind, af.SD15))), kind)
         module = projection.projection_for(adapter)
-        ident = _identity(3)
+        ident = _identity(booted, 3)
         one, five = (patch._person_tokens(adapter, module, patch.add_person(None, ident, shortcut_scale=s)[0])
                      for s in (1.0, 5.0))
         for a, b in zip(one, five):
