@@ -2,7 +2,9 @@
 FaceStudio Apply's lora_strength (from the adapter file's LoRA, or else the paired file)."""
 from __future__ import annotations
 
+import collections
 import logging
+import re
 
 import pytest
 import torch
@@ -204,3 +206,103 @@ def test_a_lora_for_another_model_is_refused(booted, lora_setup):
              "lora_unet_nowhere_to_q.lora_up.weight": state[key.replace("down", "up")]}
     with pytest.raises(adapters.AdapterError, match="lora_unet_nowhere_to_q"):
         lora.lora_patches(model, extra, "other.safetensors")
+
+
+# --- the adapter's LoRA numbering, against the official layout and diffusers' own conversion ---------
+# The official IPAdapterFaceID builds one LoRA processor per entry of diffusers' `unet.attn_processors` and saves
+# `torch.nn.ModuleList(unet.attn_processors.values())` as `ip_adapter`, so a key's number is its processor's
+# place in that order (tencent-ailab/IP-Adapter ip_adapter/ip_adapter_faceid.py, set_ip_adapter and
+# load_ip_adapter). Everything expected below comes from diffusers and the host, never from attention/lora.py.
+
+OFFICIAL_PROJECTIONS = {"to_q": "to_q", "to_k": "to_k", "to_v": "to_v", "to_out": "to_out.0"}  # LoRA -> module
+
+
+def official_faceid_ip_adapter(unet, rank: int = 2, seed: int = 0) -> dict[str, torch.Tensor]:
+    """`ip_adapter` as the official FaceID code saves it for `unet` (a diffusers UNet): LoRAAttnProcessor /
+    LoRAIPAttnProcessor tensors (attention_processor_faceid.py: down [rank, in], up [hidden, rank]) under each
+    processor's index, every tensor random so each index is recognisable; to_k_ip / to_v_ip only for the shapes."""
+    gen = torch.Generator().manual_seed(seed)
+    state = {}
+    for index, name in enumerate(unet.attn_processors):
+        attn = unet.get_submodule(name.removesuffix(".processor"))
+        hidden, kv_in = attn.to_q.in_features, attn.to_k.in_features
+        for proj, inp in (("to_q", hidden), ("to_k", kv_in), ("to_v", kv_in), ("to_out", hidden)):
+            state[f"{index}.{proj}_lora.down.weight"] = torch.randn(rank, inp, generator=gen).half()
+            state[f"{index}.{proj}_lora.up.weight"] = torch.randn(hidden, rank, generator=gen).half()
+        if name.endswith(".attn2.processor"):
+            for ip in ("to_k_ip", "to_v_ip"):  # a broadcast zero: real shapes without SDXL's 1.4 GB
+                state[f"{index}.{ip}.weight"] = torch.zeros((), dtype=torch.float16).expand(hidden, kv_in)
+    return state
+
+
+def _fingerprint(tensor: torch.Tensor) -> tuple:
+    return tuple(tensor.shape), tensor.contiguous().cpu().numpy().tobytes()
+
+
+@pytest.fixture(scope="module")
+def official_layouts():
+    """{name: (diffusers UNet, host MODEL)} on the meta device, real SD1.5 and SDXL structure."""
+    from facestudio_testing import meta_models
+
+    cache = {}
+
+    def get(name):
+        if name not in cache:
+            cache[name] = (meta_models.diffusers_unet(name), meta_models.comfy_model(name))
+        return cache[name]
+    return get
+
+
+@pytest.mark.parametrize("name, base", [("sd15", af.SD15), ("sdxl", af.SDXL)])
+def test_each_lora_index_lands_on_its_official_module(booted, official_layouts, tmp_path, name, base):
+    import comfy.lora
+    import comfy.utils
+
+    lora = booted.pack_module("attention.lora")
+    unet, model = official_layouts(name)
+    ip_adapter = official_faceid_ip_adapter(unet)
+    path = tmp_path / f"ip-adapter-faceid_{name}.bin"  # the release layout: a nested torch.save
+    image_proj = af.shared_state_dict("faceid", base)["image_proj"]
+    torch.save({"image_proj": image_proj, "ip_adapter": ip_adapter}, path)
+    adapter = booted.pack_module("attention.adapters").load_adapter(str(path))
+    positions = booted.pack_module("attention.layers").cross_attention_positions(model)
+    assert 2 * len(positions) == len(unet.attn_processors) == {"sd15": 32, "sdxl": 140}[name]
+    patches, source = lora.faceid_lora(model, adapter, positions)
+    assert source == f"the LoRA inside {path.name}"
+
+    # 1. The official numbering, module by module: index i is the i-th processor; its diffusers module goes to
+    #    the host weight through the host's own diffusers -> host key map.
+    to_host = comfy.utils.unet_to_diffusers(model.model.model_config.unet_config)
+    by_value = {_fingerprint(t): key for key, t in ip_adapter.items() if "_lora." in key}
+    assert len(by_value) == len(ip_adapter) - 2 * len(positions)  # every LoRA tensor tells its key apart
+    expected = {}
+    for index, processor in enumerate(unet.attn_processors):
+        module = processor.removesuffix(".processor")
+        for proj, target in OFFICIAL_PROJECTIONS.items():
+            host_key = "diffusion_model." + to_host[f"{module}.{target}.weight"]
+            expected[host_key] = (index, proj)
+            assert host_key in patches, f"{module}.{target} ({host_key}) got no LoRA"
+            for part, tensor in zip(("up", "down"), patches[host_key].weights[:2]):
+                landed = by_value.get(_fingerprint(tensor), "a tensor not from the file")
+                assert landed == f"{index}.{proj}_lora.{part}.weight", \
+                    f"{module}.{target} ({host_key}) got {landed}, not index {index}'s {proj}_lora.{part}.weight"
+            assert patches[host_key].weights[2] is None  # no alpha: the official LoRALinearLayer has no network_alpha
+    assert set(patches) == set(expected)  # every processor's q, k, v, out, and nothing else
+    # q, k, v and out.0 of each position's self- and cross-attention, as both official processors change.
+    covered = collections.Counter(re.search(r"\.(attn[12])\.(to_q|to_k|to_v|to_out\.0)\.weight$", k).groups()
+                                  for k in expected)
+    assert covered == {(a, t): len(positions) for a in ("attn1", "attn2") for t in OFFICIAL_PROJECTIONS.values()}
+
+    # 2. diffusers' own FaceID LoRA conversion (UNet2DConditionModel._load_ip_adapter_loras, which
+    #    load_ip_adapter hands to load_lora_weights) read by the host's own diffusers-LoRA key map.
+    converted = unet._load_ip_adapter_loras([{"image_proj": image_proj, "ip_adapter": ip_adapter}])[0]
+    assert len(converted) == adapter.lora_key_count == 8 * len(unet.attn_processors)
+    reference = comfy.lora.load_lora(converted, comfy.lora.model_lora_keys_unet(model.model, {}), log_missing=False)
+    assert set(reference) == set(patches)
+    for key, patch in reference.items():
+        for ours, theirs in zip(patches[key].weights[:2], patch.weights[:2]):
+            assert torch.equal(ours, theirs), key
+
+    # 3. The host takes the patches onto a MODEL clone as it does any LoRA's (Apply's add_patches).
+    clone = model.clone()
+    assert set(clone.add_patches(patches, 1.0)) == set(expected)
