@@ -144,7 +144,8 @@ def _photo_identity(g: Graph, name: str, photo: str) -> list:
 
 def _person(g: Graph, name: str, identity: list, persons: list | None = None, masks: list | None = None,
             mask_index: int = 0, weight: float = 1.0) -> list:
-    inputs = {"identity": identity, "weight": weight, "start": 0.0, "end": 1.0, "mask_index": mask_index}
+    inputs = {"identity": identity, "weight": weight, "start": 0.0, "end": 1.0, "mask_index": mask_index,
+              "faceid_v2_weight": 1.0}
     if persons is not None:
         inputs["persons"] = persons
     if masks is not None:
@@ -153,7 +154,7 @@ def _person(g: Graph, name: str, identity: list, persons: list | None = None, ma
     return g.link(name)
 
 
-def _apply(g: Graph, persons: list, lora_strength: float = 0.6, alpha: float = 0.5, model: list | None = None,
+def _apply(g: Graph, persons: list, lora_strength: float = 1.0, alpha: float = 0.5, model: list | None = None,
            **extra) -> None:
     inputs = {"model": model or g.link("checkpoint", 0), "adapter": g.link("adapter"), "persons": persons,
               "alpha": alpha, "style_weight": 1.0, "lora_strength": lora_strength, "embeds_scaling": "V only",
@@ -214,10 +215,10 @@ SDXL_MODELS_NOTE = ("Models. Checkpoint: any SDXL model in models/checkpoints (h
                     f"as for SD1.5) in models/clip_vision. Face analyzer: the insightface pack '{FACE_PACK}' in "
                     "models/insightface/models.")
 SAMPLE_NOTE = ("Sampling. The prompt describes the scene; the face comes from the identity. cfg 4-7 and "
-               "30 steps are good starting points. lora_strength 0.5-0.7 and weight 0.8-1.2 trade "
+               "30 steps are good starting points. lora_strength 0.6-1.0 and weight 0.8-1.2 trade "
                "likeness against prompt freedom.")
 SDXL_SAMPLE_NOTE = ("Sampling. SDXL works at about one megapixel: 1024x1024, 1216x832, 832x1216, 1152x896. "
-                    "cfg 4-7 and 30 steps are good starting points; lora_strength 0.5-0.7 and weight 0.8-1.2 "
+                    "cfg 4-7 and 30 steps are good starting points; lora_strength 0.6-1.0 and weight 0.8-1.2 "
                     "trade likeness against prompt freedom.")
 
 
@@ -255,7 +256,8 @@ def one_person(number: int = 1, base: str = "SD1.5") -> Workflow:
                "no mask = the whole image)."),
          Group("3. Prompt and apply", COLORS["prompt"], ["positive", "negative", "apply"],
                "FaceStudio Apply patches a clone of the model: the identity's tokens join the text in every "
-               "cross-attention layer. lora_strength 0.6 applies FaceID Plus v2's own LoRA."),
+               "cross-attention layer. lora_strength 1.0 (the reference's strength) applies FaceID Plus v2's own "
+               "LoRA; the person's faceid_v2_weight trades face structure against identity."),
          Group("4. Sample", COLORS["sample"], ["latent", "sampler", "decode", "save"], sample_note)],
         {"identity_photo": "Photo of the person", **titles},
         base,
