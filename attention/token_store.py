@@ -13,11 +13,29 @@ family, and `TokenStore.on(device)` finds the family member the host put on a de
 from __future__ import annotations
 
 import weakref
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 
 from .routing import TokenGroups
+
+
+@dataclass(frozen=True)
+class _StoredSide:
+    """Where one TokenGroups (a layer's cond or uncond side) sits in the store's tensor list, and its
+    small non-tensor fields: `tensors[first]` keys, `[first + 1]` values, `[first + 2]` the pad bias."""
+
+    first: int
+    padded: bool
+    weights: torch.Tensor
+    lengths: tuple[int, ...]
+    heads: int
+    style_scale: float | None
+
+    @property
+    def count(self) -> int:
+        return 3 if self.padded else 2
 
 
 class TokenStore(torch.nn.Module):
@@ -33,28 +51,28 @@ class TokenStore(torch.nn.Module):
     def __init__(self, layers: Sequence[tuple[TokenGroups, TokenGroups]]):
         super().__init__()
         self.tensors = torch.nn.ParameterList()
-        self._layout = []
+        self._layout: list[tuple[_StoredSide, ...]] = []  # per layer: its (cond, uncond) sides
         for pair in layers:
             entry = []
             for g in pair:
-                first = len(self.tensors)
+                entry.append(_StoredSide(len(self.tensors), g.pad_bias is not None, g.weights, g.lengths, g.heads,
+                                         g.style_scale))
                 for t in (g.keys, g.values) + (() if g.pad_bias is None else (g.pad_bias,)):
                     self.tensors.append(torch.nn.Parameter(t, requires_grad=False))
-                entry.append((first, g.pad_bias is not None, g.weights, g.lengths, g.heads, g.style_scale))
             self._layout.append(tuple(entry))
         # This store, then its replicas (the same values); append-only, so worker threads read it unlocked.
         self._family = [weakref.ref(self)]
         self._views: dict = {}  # layer -> (what its tensors were, its TokenGroups pair)
 
     def groups(self, n: int) -> tuple[TokenGroups, TokenGroups]:
-        tensors = [[self.tensors[first + i].data for i in range(3 if padded else 2)]
-                   for first, padded, *_ in self._layout[n]]
+        tensors = [[self.tensors[side.first + i].data for i in range(side.count)] for side in self._layout[n]]
         seen = tuple((t.device, t.dtype, t.data_ptr()) for pair in tensors for t in pair)
         cached = self._views.get(n)
         if cached is not None and cached[0] == seen:
             return cached[1]
-        out = tuple(TokenGroups(ts[0], ts[1], ts[2] if padded else None, weights, lengths, heads, style_scale)
-                    for ts, (_, padded, weights, lengths, heads, style_scale) in zip(tensors, self._layout[n]))
+        out = tuple(TokenGroups(ts[0], ts[1], ts[2] if side.padded else None, side.weights, side.lengths, side.heads,
+                                side.style_scale)
+                    for ts, side in zip(tensors, self._layout[n]))
         self._views[n] = (seen, out)  # one entry per layer: copies made for an older placement go with it
         return out
 

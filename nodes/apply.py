@@ -105,7 +105,9 @@ class FaceStudioApply(io.ComfyNode):
                 style=None, negative_style=None, lora_strength: float = 1.0, embeds_scaling: str = "V only",
                 style_blocks: str = "all", style_block_weights: str = "", unfold_batch: bool = False) -> io.NodeOutput:
         reports: list[str] = []
-        patched = apply_facestudio(model, adapter, persons, alpha, style_adapter, style, style_weight, negative_style,
-                                   lora_strength, embeds_scaling, style_blocks, style_block_weights, unfold_batch,
-                                   reports=reports)
+        patched = apply_facestudio(model, adapter, persons, alpha=alpha, style_adapter=style_adapter, style=style,
+                                   style_weight=style_weight, negative_style=negative_style,
+                                   lora_strength=lora_strength, embeds_scaling=embeds_scaling,
+                                   style_blocks=style_blocks, style_block_weights=style_block_weights,
+                                   unfold_batch=unfold_batch, reports=reports)
         return io.NodeOutput(patched, "\n".join(reports))

@@ -9,5 +9,5 @@ FaceStudioFaceAnalyzer = io.Custom("FACESTUDIO_FACE_ANALYZER")
 FaceStudioIdentity = io.Custom("FACESTUDIO_IDENTITY")
 # A StyleEncoding (encoders/style.py): CLIP vision features of a style image.
 FaceStudioStyle = io.Custom("FACESTUDIO_STYLE")
-# A tuple of attention.patch.Person: the persons for FaceStudio Apply, in order (never changed in place).
+# A tuple of attention.persons.Person: the persons for FaceStudio Apply, in order (never changed in place).
 FaceStudioPersons = io.Custom("FACESTUDIO_PERSONS")

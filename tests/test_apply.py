@@ -108,8 +108,9 @@ def test_alpha_never_scales_a_wrapped_replacement_and_without_a_style_changes_no
         return attention.optimized_attention(q, k, v, extra["n_heads"]) + 0.25
 
     host_calls = []
-    real_host = patch_mod._host_attention
-    monkeypatch.setattr(patch_mod, "_host_attention", lambda *a: host_calls.append(1) or real_host(*a))
+    replacement = booted.pack_module("attention.replacement")
+    real_host = replacement._host_attention
+    monkeypatch.setattr(replacement, "_host_attention", lambda *a: host_calls.append(1) or real_host(*a))
     text = attend(q, k, v, heads)
     for alpha in (0.5, 0.9, 1.0):
         host_calls.clear()
@@ -482,7 +483,8 @@ def test_negative_style_replaces_the_style_uncond(booted, loaded, tmp_path):
     module = proj.projection_for(style_adapter)
     for neg, expected in ((None, proj.unconditional_style_tokens(style_adapter, None, module)),
                           (negative, proj.style_tokens(style_adapter, negative.image_embeds, module))):
-        patched = patch.apply_facestudio(model, adapter, persons, 0.5, style_adapter, style, 0.7, neg)
+        patched = patch.apply_facestudio(model, adapter, persons, alpha=0.5, style_adapter=style_adapter, style=style,
+                                         style_weight=0.7, negative_style=neg)
         kv = proj.layer_kv(style_adapter, expected)
         for n, layer in enumerate(replacements(patched).values()):
             torch.testing.assert_close(layer.layers()[1].uncond[0], kv[n][0])  # read back from the store
@@ -558,24 +560,25 @@ def test_a_person_out_of_its_steps_does_not_share_the_region(booted):
 def test_token_kv_are_made_once_per_apply_never_while_sampling(booted, loaded, monkeypatch):
     import comfy.sample
 
-    patch = booted.pack_module("attention.patch")
-    calls = {"layer_kvs": 0, "_build_groups": 0}
-    for name in calls:
-        real = getattr(patch, name)
+    patch, replacement = booted.pack_module("attention.patch"), booted.pack_module("attention.replacement")
+    calls = {"layer_kvs": 0, "layer_token_groups": 0}
+    # Counted wherever they are called from: Apply (patch.py) and the replacement's fallback layout.
+    for module, name in ((patch, "layer_kvs"), (patch, "layer_token_groups"), (replacement, "layer_token_groups")):
+        real = getattr(module, name)
 
         def counted(*args, _real=real, _name=name, **kwargs):
             calls[_name] += 1
             return _real(*args, **kwargs)
 
-        monkeypatch.setattr(patch, name, counted)
+        monkeypatch.setattr(module, name, counted)
     model, adapter, (a, b) = loaded
     patched = patch.apply_facestudio(model, adapter, patch.add_person(patch.add_person(None, a), b))
     layers = len(replacements(patched))
-    assert calls == {"layer_kvs": 1, "_build_groups": layers}  # every person's tokens at once; one layout per layer
+    assert calls == {"layer_kvs": 1, "layer_token_groups": layers}  # every person's tokens at once; one layout per layer
     positive = [[torch.zeros(1, 77, 768), {}]]
     comfy.sample.sample(patched, torch.randn(1, 4, 8, 8), 3, 5.0, "euler", "normal", positive, positive,
                         torch.zeros(1, 4, 8, 8), disable_pbar=True)
-    assert calls == {"layer_kvs": 1, "_build_groups": layers}  # sampling only reads the store
+    assert calls == {"layer_kvs": 1, "layer_token_groups": layers}  # sampling only reads the store
 
 
 def test_sigmas_are_never_read_back_from_the_device(booted):

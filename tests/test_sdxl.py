@@ -290,14 +290,16 @@ def test_sdxl_style_adapters_apply_with_their_clip_vision(booted, adapters, patc
     style = encode(clips[clip_name], image)
     persons = patch.add_person(None, people[0])
     without = sample(patch.apply_facestudio(model, identity, persons))  # the identity alone
-    with_style = sample(patch.apply_facestudio(model, identity, persons, 0.5, style_adapter, style))
+    with_style = sample(patch.apply_facestudio(model, identity, persons, alpha=0.5, style_adapter=style_adapter,
+                                                style=style))
     assert torch.isfinite(with_style).all() and changed(with_style, without)
     # alpha 0: no style, full text (equal up to rounding: the style's tokens join the same products)
-    assert_nearly_equal(sample(patch.apply_facestudio(model, identity, persons, 0.0, style_adapter, style)), without)
+    assert_nearly_equal(sample(patch.apply_facestudio(model, identity, persons, alpha=0.0, style_adapter=style_adapter,
+                                                         style=style)), without)
 
     other = encode(clips["vit-h" if clip_name == "vit-bigg" else "vit-bigg"], image)
     with pytest.raises(adapters.AdapterError, match="encode it with the CLIP vision model the adapter was trained with"):
-        patch.apply_facestudio(model, identity, persons, 0.5, style_adapter, other)
+        patch.apply_facestudio(model, identity, persons, alpha=0.5, style_adapter=style_adapter, style=other)
 
 
 @pytest.mark.parametrize("image_embeds", [1024, 1280])
@@ -334,7 +336,8 @@ def test_an_sd15_adapter_on_sdxl_is_a_clear_error(booted, adapters, patch, model
     encoded = booted.pack_module("encoders.style").encode_style(clips["vit-h"], torch.rand(1, 32, 32, 3))
     with pytest.raises(adapters.AdapterError, match=r"ip-adapter_sd15.safetensors is an SD1.5 adapter .* cannot be "
                                                     r"used on an SDXL model \(context width 2048"):
-        patch.apply_facestudio(model, sdxl_adapter(adapters, "faceid"), persons, 0.5, style, encoded)
+        patch.apply_facestudio(model, sdxl_adapter(adapters, "faceid"), persons, alpha=0.5, style_adapter=style,
+                               style=encoded)
 
 
 def test_an_sdxl_adapter_on_sd15_is_a_clear_error(adapters, patch, people, tiny_sd15_file):
