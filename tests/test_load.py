@@ -85,7 +85,9 @@ def region(g: graphs.Graph, channel: str) -> list:
     return [g.add("ImageToMask", {"image": g.link("regions"), "channel": channel}), 0]
 
 
-def apply(g: graphs.Graph, persons: list, alpha: float = 0.5, lora_strength: float = 1.0) -> str:
+def apply(g: graphs.Graph, persons: list, alpha: float = 0.5, lora_strength: float = 0.0) -> str:
+    """lora_strength 0 but in `one_person`: the LoRA re-patches the UNet's weights at each of its prompts,
+    and one configuration is enough to interleave that with the others."""
     adapter = g.add("FaceStudioAdapterLoader", {"adapter_name": FACEID, "kind": "auto"})
     return g.insert_model_node("FaceStudioApply", {"adapter": [adapter, 0], "persons": persons, "alpha": alpha,
                                                    "style_weight": 1.0, "lora_strength": lora_strength})
@@ -96,11 +98,11 @@ def no_facestudio(g):
 
 
 def one_person(g):
-    apply(g, person(g, identity(g, "fs_load_a.png")))
+    apply(g, person(g, identity(g, "fs_load_a.png")), lora_strength=1.0)  # with its LoRA, the node's default
 
 
 def one_person_weight_zero(g):
-    # Bit-identical to no FaceStudio: weight 0 and no LoRA (lora_strength defaults to 1.0).
+    # Bit-identical to no FaceStudio: weight 0 and no LoRA (the node's lora_strength defaults to 1.0).
     apply(g, person(g, identity(g, "fs_load_a.png"), weight=0.0), lora_strength=0.0)
 
 
