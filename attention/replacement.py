@@ -17,7 +17,8 @@ from typing import Callable, Sequence
 
 import torch
 
-from .routing import TokenGroups, combine_regions, find_downscale, masks_to_tokens, route_chunks, text_gain
+from .routing import (TokenGroups, combine_regions, find_downscale, masks_to_tokens, route_chunks, stack_masks,
+                      text_gain)
 from .token_store import TokenStore
 
 KV = tuple[torch.Tensor, torch.Tensor]
@@ -212,11 +213,7 @@ class FaceStudioAttention:
                          for m in masks]
             else:
                 masks = [None] * len(masks)
-            given = [m for m in masks if m is not None]
-            shape = torch.broadcast_shapes((1, 1), *(m.shape for m in given))
-            one = torch.ones((), device=device)
-            stacked = (torch.stack([one.expand(shape) if m is None else m.float().expand(shape) for m in masks], -1)
-                       if masks else torch.zeros(1, 1, 0, device=device))  # a style alone: no person columns
+            stacked = stack_masks(masks, device)
             weights = groups.weights.to(device)
             cached = self._regions[key] = (stacked, weights, combine_regions(stacked, weights))
         stacked, weights, regions = cached

@@ -48,6 +48,7 @@ __all__ = [
     "find_downscale",
     "masks_to_tokens",
     "combine_regions",
+    "stack_masks",
 ]
 
 
@@ -222,10 +223,17 @@ class TokenGroups:
                 raise ValueError(f"masks must be [1 or B, Nq], got {tuple(m.shape)}")
         # On the masks' device, else the activity's (decided on the compute device), else the weights'.
         device = given[0].device if given else activity.device if activity is not None else self.weights.device
-        shape = torch.broadcast_shapes((1, 1), *(m.shape for m in given))
-        one = torch.ones((), device=device)
-        m = torch.stack([one.expand(shape) if x is None else x.float().expand(shape) for x in masks], -1)
-        return combine_regions(m, self.weights.to(device), activity)
+        return combine_regions(stack_masks(masks, device), self.weights.to(device), activity)
+
+
+def stack_masks(masks: Sequence[torch.Tensor | None], device) -> torch.Tensor:
+    """[Bm, Nq or 1, P] fp32 on `device`: one column per person, its token mask or 1 (None: the whole
+    image); [1, 1, 0] for no persons."""
+    if not masks:
+        return torch.zeros(1, 1, 0, device=device)
+    shape = torch.broadcast_shapes((1, 1), *(m.shape for m in masks if m is not None))
+    one = torch.ones((), device=device)
+    return torch.stack([one.expand(shape) if m is None else m.float().to(device).expand(shape) for m in masks], -1)
 
 
 def combine_regions(masks: torch.Tensor, weights: torch.Tensor, activity: torch.Tensor | None = None) -> torch.Tensor:

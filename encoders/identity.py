@@ -605,18 +605,19 @@ def _mixed_rows(active: Sequence[tuple[FaceIdentity, float]]) -> tuple[np.ndarra
     unit rows u_i, as the combined embedding mixes; the raw row is that direction at the rows' mean
     norm weighted by |w_i| (Portrait unnorm reads the magnitude). Concatenating the shots instead would
     mix by shot count: 0.3 / 0.7 of a 3-shot and a 2-shot person gave 3/5 and 2/5 of the tokens."""
-    count = max(len(i.shot_rows()) for i, _ in active)
+    parts = [(i.shot_rows(True).astype(np.float64), np.linalg.norm(i.shot_rows(False), axis=1), w) for i, w in active]
+    weight_sum = sum(abs(w) for _, w in active)
     raw_rows, unit_rows = [], []
-    for k in range(count):
-        direction = sum(w * i.shot_rows(True)[k % len(i.shot_rows())].astype(np.float64) for i, w in active)
+    for k in range(max(len(units) for units, _, _ in parts)):
+        direction = sum(w * units[k % len(units)] for units, _, w in parts)
         norm = float(np.linalg.norm(direction))
         if norm < CANCEL_NORM:
             raise IdentityError(f"the mix cancels out in its shot {k} (norm {norm:.2e}): the weighted identities "
                                 "point in opposite directions. Change the weights.")
         unit = direction / norm
-        scale = sum(abs(w) * float(np.linalg.norm(i.shot_rows(False)[k % len(i.shot_rows())])) for i, w in active)
+        scale = sum(abs(w) * float(norms[k % len(norms)]) for _, norms, w in parts)
         unit_rows.append(unit)
-        raw_rows.append(unit * scale / sum(abs(w) for _, w in active))
+        raw_rows.append(unit * scale / weight_sum)
     return _readonly(raw_rows, np.float32), _readonly(unit_rows, np.float32)
 
 
