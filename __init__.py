@@ -7,7 +7,7 @@ Only relative imports inside the pack: its `nodes/` must never shadow the host's
 from comfy_api.latest import ComfyExtension, io
 
 from .nodes import NODE_LIST
-from .nodes.model_folders import register_model_folders
+from .startup.model_folders import register_model_folders
 
 
 class FaceStudioExtension(ComfyExtension):

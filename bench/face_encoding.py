@@ -17,7 +17,7 @@ Baselines, measured in the same run on the same photos:
   the recognizer), with the pack's session options (worker threads do not busy-wait between runs):
   what the pack's encoder must stay within 10% of;
 - insightface FaceAnalysis, detection + recognition only, and with its default modules.
-The pack: encoders/faces.detect_and_embed (every face, left to right), and encoders/identity.encode_identity
+The pack: encoders/faces.detect_and_embed (every face, left to right), and encoders/multishot.encode_identity
 (one face, as FaceStudio Encode Identity runs it) without a cache, then with a fresh FaceCache (first run)
 and again with that cache filled (cached re-run: the photo is hashed, nothing is detected).
 Each figure is a median over interleaved rounds (load from other processes falls on all alike); the
@@ -51,7 +51,7 @@ def load_encoders():
     package = importlib.util.module_from_spec(spec)
     sys.modules[name] = package
     spec.loader.exec_module(package)
-    return importlib.import_module(name + ".faces"), importlib.import_module(name + ".identity")
+    return importlib.import_module(name + ".faces"), importlib.import_module(name + ".multishot")
 
 
 class RawSessions:
@@ -164,7 +164,7 @@ def main() -> None:
     from insightface.data import get_image
     from skimage import data
 
-    faces, identity = load_encoders()
+    faces, multishot = load_encoders()
     providers = providers_for(args.device)
     real_pack, full_pack = fm.real_pack(), fm.buffalo_like_pack()
     root = str(fm.insightface_root())
@@ -200,21 +200,21 @@ def main() -> None:
         raw_all = raw(image)
         pack_all = faces.detect_and_embed(ours, image, select="left-to-right")
         cosines = [float(a @ b.normed_embedding) for a, b in zip(raw_all, pack_all)]
-        state = {"cache": identity.FaceCache()}
+        state = {"cache": multishot.FaceCache()}
 
         def first_run():
-            state["cache"] = identity.FaceCache()
-            identity.encode_identity(ours, batch, cache=state["cache"])
+            state["cache"] = multishot.FaceCache()
+            multishot.encode_identity(ours, batch, cache=state["cache"])
 
         def cached_rerun():
-            identity.encode_identity(ours, batch, cache=state["cache"])
+            multishot.encode_identity(ours, batch, cache=state["cache"])
             assert state["cache"].hits, "the re-run did not hit the cache"
 
         t = C.medians({
             "raw sessions, every face": lambda: raw(image),
             "pack detect_and_embed, every face": lambda: faces.detect_and_embed(ours, image, select="left-to-right"),
             "raw sessions, largest face": lambda: raw(image, largest_only=True),
-            "pack encode_identity, no cache": lambda: identity.encode_identity(ours, batch, cache=None),
+            "pack encode_identity, no cache": lambda: multishot.encode_identity(ours, batch, cache=None),
             "pack encode_identity, first run (empty cache)": first_run,
             "pack encode_identity, cached re-run": cached_rerun,
         }, rounds=rounds)

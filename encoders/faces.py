@@ -59,6 +59,9 @@ MIN_DETECTED_PIXELS = 16
 MIN_FACE_PIXELS = 20
 Selection = Literal["largest", "index", "left-to-right"]
 SELECTIONS = ("largest", "index", "left-to-right")
+# How faces are numbered: "left-to-right" is Encode Identity's `index` (box centres left to right);
+# "largest" puts first the face Encode Identity's face = largest picks (by box area, then score).
+FACE_ORDERS = ("left-to-right", "largest")
 
 
 class FaceError(ValueError):
@@ -538,6 +541,28 @@ def detect_faces(analyzer: FaceAnalyzer, bgr: np.ndarray):
     return best
 
 
+def face_order(bboxes, order: str = "left-to-right") -> list[int]:
+    """Face rows in display order. `bboxes`: (n, 4) x1 y1 x2 y2, or (n, 5) with the score.
+
+    Left to right: box centre x, then top y; detect_and_embed numbers faces the same way, so number k
+    here is the face Encode Identity takes with face = index, index = k. Largest: by box area, then score.
+    """
+    if order not in FACE_ORDERS:
+        raise FaceError(f"order must be one of {', '.join(FACE_ORDERS)}, not {order!r}")
+    boxes = np.asarray(bboxes, np.float64)
+    if boxes.size == 0:
+        return []
+    if boxes.ndim != 2 or boxes.shape[1] < 4:
+        raise FaceError(f"expected face boxes (n, 4) or (n, 5), got shape {boxes.shape}")
+    n = len(boxes)
+    if order == "left-to-right":
+        centres = (boxes[:, 0] + boxes[:, 2]) / 2
+        return sorted(range(n), key=lambda i: (centres[i], boxes[i, 1]))
+    areas = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+    scores = boxes[:, 4] if boxes.shape[1] > 4 else np.zeros(n)
+    return sorted(range(n), key=lambda i: (-areas[i], -scores[i]))
+
+
 def detect_and_embed(
     analyzer: FaceAnalyzer,
     image,
@@ -562,11 +587,9 @@ def detect_and_embed(
     height, width = bgr.shape[:2]
     if not len(bboxes):
         raise FaceNotFound(_no_face_message(analyzer, image_index, width, height), image_index)
-    centers = (bboxes[:, 0] + bboxes[:, 2]) / 2
-    order = sorted(range(len(bboxes)), key=lambda i: (centers[i], bboxes[i, 1]))
+    order = face_order(bboxes)
     if select == "largest":
-        areas = (bboxes[:, 2] - bboxes[:, 0]) * (bboxes[:, 3] - bboxes[:, 1])
-        chosen = [max(range(len(bboxes)), key=lambda i: (areas[i], bboxes[i, 4]))]
+        chosen = face_order(bboxes, "largest")[:1]
     elif select == "index":
         if not -len(order) <= index < len(order):
             raise FaceNotFound(

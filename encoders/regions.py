@@ -61,9 +61,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .drawing import (DEFAULT_OPACITY, UNMATCHED, draw_box, draw_label, face_order, merge_drawing, person_colour,
-                      style_for, tint_masks, to_rgb_uint8)
-from .faces import FaceAnalyzer, detect_faces, to_bgr_uint8
+from .faces import FaceAnalyzer, detect_faces, face_order, to_bgr_uint8
 
 FACE_MODES = ("grow", "partition")
 SEGMENTS = "segments"
@@ -90,7 +88,6 @@ ASPECT_TOLERANCE = 0.01
 
 BACKGROUND = -1  # the label of pixels in no region (grow mode)
 NOBODY = 3  # the claim tier of a pixel a face does not claim (see _nearest_face)
-SPLIT_CANVAS_GREY = 128  # the preview's background when a split has no image
 QUANTUM_BITS = 20  # feathered mask values are multiples of 2**-20 (see labels_to_masks)
 SNAP = 1e-6  # in quanta: float error of the blur, far below one quantum (see labels_to_masks)
 
@@ -134,9 +131,6 @@ class Regions:
     unused: np.ndarray | None = None  # face modes: faces found but not taken, [M, 5]
     notes: tuple[str, ...] = ()  # warnings: what was dropped, split or not used
     origins: tuple[str, ...] = ()  # segments mode: where mask i came from, e.g. "segment 3"
-
-    def preview(self, image=None, opacity: float = DEFAULT_OPACITY) -> np.ndarray:
-        return draw_regions(self.masks, image, self.faces, self.unused, opacity)
 
     def report(self) -> str:
         n, height, width = self.masks.shape
@@ -525,34 +519,3 @@ def _only(n: int) -> str:
 def _and(items) -> str:
     items = [str(i) for i in items]
     return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
-
-
-# ------------------------------------------------------------------------------------------------
-# Preview
-# ------------------------------------------------------------------------------------------------
-def draw_regions(masks: np.ndarray, image=None, faces: np.ndarray | None = None, unused: np.ndarray | None = None,
-                 opacity: float = DEFAULT_OPACITY) -> np.ndarray:
-    """float32 RGB [H, W, 3]: mask i tinted in person_colour(i) and labelled "mask i" over the image
-    (a grey canvas without one); in face modes each taken face boxed in its person's colour and
-    labelled "face i", faces left out boxed in grey and labelled "not used"."""
-    masks = np.asarray(masks, np.float32)
-    height, width = masks.shape[1:]
-    if image is None:
-        before = np.full((height, width, 3), SPLIT_CANVAS_GREY, np.uint8)
-    else:
-        image_h, image_w = image_size(image)
-        if (image_h, image_w) != (height, width):
-            raise RegionError(f"the preview image is {image_w}x{image_h} but the masks are {width}x{height}")
-        before = to_rgb_uint8(image)
-    canvas = before.copy()
-    style = style_for(height, width)
-    tint_masks(canvas, masks, opacity, style)
-    rows = [] if faces is None else [(row, person_colour(i), f"face {i}") for i, row in enumerate(faces)]
-    rows += [] if unused is None else [(row, UNMATCHED, "not used") for row in unused]
-    for row, colour, _ in rows:
-        draw_box(canvas, row, colour, style)
-    for row, colour, text in rows:
-        draw_label(canvas, text, row[0], row[1], colour, style)
-    if image is None:
-        return canvas.astype(np.float32) / 255.0
-    return np.ascontiguousarray(merge_drawing(image, before, canvas)[:, :, :3])

@@ -4,7 +4,7 @@ import os
 from comfy_api.latest import io
 
 from ..encoders.faces import FaceModelError, load_face_analyzer
-from .model_folders import INSIGHTFACE
+from ..startup.model_folders import INSIGHTFACE
 from .types import FaceStudioFaceAnalyzer
 
 # The provider choices shown, and what each asks encoders.faces.resolve_providers for.

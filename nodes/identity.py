@@ -3,18 +3,10 @@ import os
 
 from comfy_api.latest import io
 
-from ..encoders.identity import (
-    DEFAULT_OUTLIER_THRESHOLD,
-    IDENTITY_SUBFOLDER,
-    ON_MISSING,
-    encode_identity,
-    identity_file_names,
-    load_identity,
-    mix_identities,
-    new_identity_path,
-    resolve_identity_file,
-    save_identity,
-)
+from ..encoders.identity_files import load_identity, save_identity
+from ..encoders.identity_folder import IDENTITY_SUBFOLDER, identity_file_names, new_identity_path, resolve_identity_file
+from ..encoders.mixing import mix_identities
+from ..encoders.multishot import DEFAULT_OUTLIER_THRESHOLD, ON_MISSING, encode_identity
 from .types import FaceStudioFaceAnalyzer, FaceStudioIdentity
 
 

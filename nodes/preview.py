@@ -1,7 +1,8 @@
 """FaceStudio Face Preview: which face is which (and which region is whose) before sampling."""
 from comfy_api.latest import io, ui
 
-from ..encoders.drawing import DEFAULT_OPACITY, ORDERS, preview_batch
+from ..encoders.faces import FACE_ORDERS
+from ..inspection.drawing import DEFAULT_OPACITY, preview_batch
 from .types import FaceStudioFaceAnalyzer
 
 
@@ -19,7 +20,7 @@ class FaceStudioFacePreview(io.ComfyNode):
                 io.Image.Input("image", tooltip="The image(s) to look at; every image of a batch is drawn."),
                 FaceStudioFaceAnalyzer.Input("face_analyzer", tooltip="From FaceStudio Load Face Analyzer: the same "
                                                                       "one your Encode Identity nodes use."),
-                io.Combo.Input("order", options=list(ORDERS), default=ORDERS[0],
+                io.Combo.Input("order", options=list(FACE_ORDERS), default=FACE_ORDERS[0],
                                tooltip="How faces are numbered. left-to-right: the number Encode Identity's "
                                        "'index' takes (the face it picks with face = largest is marked 'largest'). "
                                        "largest: by box size, face 0 being the one face = largest picks."),

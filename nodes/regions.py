@@ -6,6 +6,7 @@ from comfy_api.latest import io, ui
 
 from ..encoders.regions import (FACE_MODES, FEATHER_SHAPES, GROW_DOWN, GROW_UP, GROW_WIDTH, MODES, SEGMENTS,
                                 GrowShape, RegionError, face_regions, segment_regions, split_regions)
+from ..inspection.drawing import draw_regions
 from .types import FaceStudioFaceAnalyzer
 
 logger = logging.getLogger("FaceStudio.regions")
@@ -137,5 +138,5 @@ class FaceStudioRegions(io.ComfyNode):
         for note in regions.notes:
             logger.warning("FaceStudio Regions: %s", note)
         layout = None if image is None else image[0] if image.ndim == 4 else image
-        preview = torch.from_numpy(regions.preview(layout))[None]
+        preview = torch.from_numpy(draw_regions(regions, layout))[None]
         return io.NodeOutput(torch.from_numpy(regions.masks), preview, report, ui=ui.PreviewImage(preview, cls=cls))

@@ -1,8 +1,8 @@
 """FaceStudio Identity Score: how much each generated face looks like each reference identity."""
 from comfy_api.latest import io, ui
 
-from ..encoders.drawing import draw_score_batch
-from ..encoders.scoring import DEFAULT_THRESHOLD, score_images
+from ..inspection.drawing import draw_score_batch
+from ..inspection.scoring import DEFAULT_THRESHOLD, score_images
 from .types import FaceStudioFaceAnalyzer, FaceStudioIdentity
 
 MAX_IDENTITIES = 8

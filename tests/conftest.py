@@ -99,3 +99,27 @@ def t1():
     photo = face_photos.t1()
     photo.setflags(write=False)  # shared by every module: a test that writes to it must copy it first
     return photo
+
+
+@pytest.fixture(scope="module")
+def setup(comfy_host, booted, tiny_sd15):
+    """The SD1.5 Apply tests' files in the host's folders (facestudio_testing/sd15_apply.py); the checkpoint name."""
+    from facestudio_testing import sd15_apply
+
+    yield from sd15_apply.installed_apply_models(booted, tiny_sd15)
+
+
+@pytest.fixture(scope="module")
+def loaded(booted, setup, tiny_sd15_file):
+    """(MODEL, FaceID adapter, two identities) for calling apply_facestudio directly."""
+    from facestudio_testing import sd15_apply
+
+    return sd15_apply.loaded_apply_parts(booted, tiny_sd15_file)
+
+
+@pytest.fixture(scope="module")
+def tiny_clip(booted, tmp_path_factory):
+    """comfy.clip_vision.ClipVisionModel (the host's CLIP_VISION object) at a tiny size, seeded weights."""
+    from facestudio_testing import clip_models
+
+    return clip_models.tiny_clip_vision(tmp_path_factory.mktemp("clip"))

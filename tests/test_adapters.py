@@ -375,7 +375,7 @@ def ipadapter_folder(booted):
     """The session host's models/ipadapter (registered as the host would); what a test adds is removed after it."""
     import folder_paths
 
-    booted.pack_module("nodes.model_folders").register_model_folders()
+    booted.pack_module("startup.model_folders").register_model_folders()
     folder = booted.models / "ipadapter"
     before = set(folder.iterdir())
     yield folder

@@ -25,6 +25,7 @@ from facestudio_testing import face_models as fm
 from facestudio_testing import face_photos
 from facestudio_testing import graphs
 from facestudio_testing.server import execution_error
+from facestudio_testing.identity_modules import identity_modules
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*estimate.*deprecated:FutureWarning")
 
@@ -97,12 +98,12 @@ def env(comfy_host, booted, tiny_sd15):
     written.append(adapters / LORA)
     folder_paths.filename_list_cache.pop("ipadapter", None)
 
-    ident, faces = booted.pack_module("encoders.identity"), booted.pack_module("encoders.faces")
+    ident, faces = identity_modules(booted), booted.pack_module("encoders.faces")
     identities = os.path.join(folder_paths.get_output_directory(), "facestudio", "identities")
     analyzer = faces.load_face_analyzer(fm.tiny_pack(), providers="cpu")
-    identity = ident.encode_identity(analyzer, [fm.tiny_face_image()], cache=None)
-    good = ident.save_identity(identity, os.path.join(identities, GOOD_IDENTITY))
-    cut = ident.save_identity(identity, os.path.join(identities, CUT_IDENTITY))
+    identity = ident.multishot.encode_identity(analyzer, [fm.tiny_face_image()], cache=None)
+    good = ident.files.save_identity(identity, os.path.join(identities, GOOD_IDENTITY))
+    cut = ident.files.save_identity(identity, os.path.join(identities, CUT_IDENTITY))
     cut.write_bytes(cut.read_bytes()[:len(cut.read_bytes()) // 2])
     not_identity = af.write_adapter(os.path.join(identities, NOT_IDENTITY), af.adapter_state_dict(
         "faceid", af.SD15, layer_widths=(320,), lora_rank=None))

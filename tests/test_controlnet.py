@@ -9,7 +9,7 @@ from PIL import Image
 
 from facestudio_testing import tiny_controlnet
 
-from test_apply import apply, base, identity, person, run_latent, setup  # noqa: F401  (fixture)
+from facestudio_testing.sd15_apply import apply, base, identity, person, run_latent
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*estimate.*deprecated:FutureWarning")
 

@@ -7,7 +7,7 @@ import torch
 
 from facestudio_testing.reference_attention import attend
 
-from test_apply import apply, base, identity, loaded, person, replacements, run_latent, setup  # noqa: F401
+from facestudio_testing.sd15_apply import apply, base, identity, person, replacements, run_latent
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*estimate.*deprecated:FutureWarning")
 

@@ -8,13 +8,11 @@ destination devices differ, as a CUDA run would show them as host-to-device / de
 """
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from facestudio_testing import adapter_files as af
-from facestudio_testing import face_models as fm
+from facestudio_testing.sd15_apply import faceid_adapter_and_person
 
 META = torch.device("meta")
 COPIES = {torch.ops.aten._to_copy.default, torch.ops.aten.copy_.default, torch.ops.aten._copy_from.default,
@@ -44,12 +42,8 @@ class CrossDeviceCopies(TorchDispatchMode):
 def parts(booted, tiny_sd15_file, tmp_path_factory):
     import comfy.sd
 
-    faces, ident = booted.pack_module("encoders.faces"), booted.pack_module("encoders.identity")
-    analyzer = faces.load_face_analyzer(fm.tiny_pack(), providers="cpu")
-    person = ident.encode_identity(analyzer, [fm.tiny_face_image().astype(np.float32) / 255.0], cache=None)
-    path = af.write_adapter(tmp_path_factory.mktemp("adapters") / "fs_copies_faceid_sd15.safetensors",
-                            af.shared_state_dict("faceid", af.SD15))
-    adapter = booted.pack_module("attention.adapters").load_adapter(str(path))
+    adapter, person = faceid_adapter_and_person(booted, tmp_path_factory.mktemp("adapters"),
+                                                "fs_copies_faceid_sd15.safetensors")
     unet = comfy.sd.load_checkpoint_guess_config(str(tiny_sd15_file), output_vae=False, output_clip=False)[0]
     return booted.pack_module("attention.patch"), adapter, person, unet
 

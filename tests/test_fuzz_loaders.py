@@ -23,6 +23,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.numpy import save as save_numpy
 from safetensors.torch import save as save_torch
+from facestudio_testing.identity_modules import identity_modules
 
 # torch.load warns about the random "protocol" byte of a garbage pickle before refusing it.
 pytestmark = pytest.mark.filterwarnings("ignore:Detected pickle protocol:UserWarning")
@@ -46,7 +47,7 @@ def adapters(booted):
 
 @pytest.fixture(scope="module")
 def ident(booted):
-    return booted.pack_module("encoders.identity")
+    return identity_modules(booted)
 
 
 @pytest.fixture(scope="module")
@@ -294,7 +295,7 @@ def test_any_weights_only_pickle(adapters, scratch, obj):
 # --- identity files ---------------------------------------------------------------------------------
 
 def mini_identity(ident, shots: int = 2, dim: int = 8, clip: bool = False, seed: int = 0):
-    faces = ident.RecognizerIdentity("rec_fuzz.onnx", "0123456789abcdef", dim)
+    faces = ident.value.RecognizerIdentity("rec_fuzz.onnx", "0123456789abcdef", dim)
     rng = np.random.default_rng(seed)
     raw = rng.standard_normal((shots, dim)).astype(np.float32)
     normed = raw / np.linalg.norm(raw, axis=1, keepdims=True)
@@ -303,12 +304,12 @@ def mini_identity(ident, shots: int = 2, dim: int = 8, clip: bool = False, seed:
         features = rng.standard_normal((shots, 3, 4)).astype(np.float32)
         extra = dict(clip_features=features, clip_width=4, combined_clip_features=features.mean(0),
                      unconditional_clip_features=np.zeros((3, 4), np.float32))
-    return ident.FaceIdentity(
-        embeddings=raw, normed_embeddings=normed, embedding=ident.combine_embeddings(normed, np.ones(shots)),
+    return ident.value.FaceIdentity(
+        embeddings=raw, normed_embeddings=normed, embedding=ident.value.combine_embeddings(normed, np.ones(shots)),
         recognizer=faces, crops=rng.integers(0, 255, (shots, 4, 4, 3), dtype=np.uint8),
         det_scores=np.full(shots, 0.9, np.float32), bboxes=np.zeros((shots, 4), np.float32),
         kps=np.zeros((shots, 5, 2), np.float32), used=tuple(range(shots)),
-        dropped=(ident.DroppedShot(shots, "no face: test"),), photo_count=shots + 1, **extra)
+        dropped=(ident.value.DroppedShot(shots, "no face: test"),), photo_count=shots + 1, **extra)
 
 
 IDENTITY_BASES = {}
@@ -317,7 +318,7 @@ IDENTITY_BASES = {}
 def base_identity(ident, scratch: Path, clip: bool) -> tuple[bytes, dict, dict]:
     """(file bytes, tensors, metadata) of a saved mini identity."""
     if clip not in IDENTITY_BASES:
-        path = ident.save_identity(mini_identity(ident, clip=clip), scratch / f"base-{clip}.safetensors")
+        path = ident.files.save_identity(mini_identity(ident, clip=clip), scratch / f"base-{clip}.safetensors")
         from safetensors import safe_open
 
         with safe_open(str(path), framework="numpy") as handle:
@@ -329,11 +330,11 @@ def base_identity(ident, scratch: Path, clip: bool) -> tuple[bytes, dict, dict]:
 
 def load_or_identity_error(ident, path: Path):
     try:
-        loaded = ident.load_identity(path)
-    except ident.IdentityError as error:
+        loaded = ident.files.load_identity(path)
+    except ident.value.IdentityError as error:
         assert str(error).strip(), "an IdentityError without a message"
         return None
-    assert isinstance(loaded, ident.FaceIdentity)
+    assert isinstance(loaded, ident.value.FaceIdentity)
     assert abs(float(np.linalg.norm(loaded.embedding)) - 1.0) <= 1e-3
     return loaded
 
@@ -341,7 +342,7 @@ def load_or_identity_error(ident, path: Path):
 @pytest.mark.parametrize("clip", [False, True])
 def test_the_mini_identity_round_trips(ident, scratch, clip):
     data, _, _ = base_identity(ident, scratch, clip)
-    loaded = ident.load_identity(write(scratch, "mini.safetensors", data))
+    loaded = ident.files.load_identity(write(scratch, "mini.safetensors", data))
     original = mini_identity(ident, clip=clip)
     np.testing.assert_array_equal(loaded.embedding, original.embedding)
     assert loaded.used == original.used and (loaded.clip_width == 4) == clip
@@ -423,8 +424,8 @@ def test_a_bfloat16_identity_file_loads_or_is_refused_clearly(ident, scratch):
                  torch.from_numpy(np.array(v)) for k, v in tensors.items()}
     path = write(scratch, "bf16.safetensors", save_torch(converted, metadata=metadata))
     try:
-        loaded = ident.load_identity(path)
-    except ident.IdentityError as error:
+        loaded = ident.files.load_identity(path)
+    except ident.value.IdentityError as error:
         assert "bf16.safetensors" in str(error)
     else:
         assert float(loaded.embedding @ mini_identity(ident).embedding) > 0.99

@@ -14,14 +14,12 @@ import collections
 import inspect
 import threading
 
-import numpy as np
 import pytest
 import torch
 
 import comfy.model_management
 import comfy.model_patcher
-from facestudio_testing import adapter_files as af
-from facestudio_testing import face_models as fm
+from facestudio_testing.sd15_apply import faceid_adapter_and_person
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*estimate.*deprecated:FutureWarning")
 
@@ -59,12 +57,8 @@ class DynamicPatcher(comfy.model_patcher.ModelPatcher):
 
 @pytest.fixture(scope="module")
 def parts(booted, tiny_sd15_file, tmp_path_factory):
-    faces, ident = booted.pack_module("encoders.faces"), booted.pack_module("encoders.identity")
-    analyzer = faces.load_face_analyzer(fm.tiny_pack(), providers="cpu")
-    person = ident.encode_identity(analyzer, [fm.tiny_face_image().astype(np.float32) / 255.0], cache=None)
-    path = af.write_adapter(tmp_path_factory.mktemp("adapters") / "fs_memory_faceid_sd15.safetensors",
-                            af.shared_state_dict("faceid", af.SD15))
-    adapter = booted.pack_module("attention.adapters").load_adapter(str(path))
+    adapter, person = faceid_adapter_and_person(booted, tmp_path_factory.mktemp("adapters"),
+                                                "fs_memory_faceid_sd15.safetensors")
     return booted.pack_module("attention.patch"), adapter, person, tiny_sd15_file
 
 

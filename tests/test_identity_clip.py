@@ -11,23 +11,19 @@ import torch
 
 from facestudio_testing import clip_models
 from facestudio_testing import face_models as fm
+from facestudio_testing.identity_modules import identity_modules
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*estimate.*deprecated:FutureWarning")
 
 
 @pytest.fixture(scope="module")
 def ident(booted):
-    return booted.pack_module("encoders.identity")
+    return identity_modules(booted)
 
 
 @pytest.fixture(scope="module")
 def tiny(booted):
     return booted.pack_module("encoders.faces").load_face_analyzer(fm.tiny_pack(), providers="cpu")
-
-
-@pytest.fixture(scope="module")
-def tiny_clip(booted, tmp_path_factory):
-    return clip_models.tiny_clip_vision(tmp_path_factory.mktemp("clip"))
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +39,7 @@ PHOTOS = [photo(((6, 6, "white"),)), photo(((4, 9, "white"),)), photo(((8, 5, "g
 
 
 def encode(ident, tiny, photos=PHOTOS, **kwargs):
-    return ident.encode_identity(tiny, photos, outlier_threshold=-1.0, cache=None, **kwargs)
+    return ident.multishot.encode_identity(tiny, photos, outlier_threshold=-1.0, cache=None, **kwargs)
 
 
 def separately(clip, crops):
@@ -82,12 +78,12 @@ def test_features_are_the_score_weighted_mean_of_each_crop(ident, tiny, tiny_cli
 
 def test_unequal_scores_weigh_the_shots(ident):
     features = np.stack([np.full((2, 3), 1.0), np.full((2, 3), 4.0)]).astype(np.float32)
-    np.testing.assert_allclose(ident.combine_clip_features(features, np.array([0.75, 0.25])), np.full((2, 3), 1.75))
+    np.testing.assert_allclose(ident.value.combine_clip_features(features, np.array([0.75, 0.25])), np.full((2, 3), 1.75))
 
 
 def test_adding_shots_needs_the_clip_model_again(ident, tiny, tiny_clip):
     first = encode(ident, tiny, PHOTOS[:1], clip_vision=tiny_clip)
-    with pytest.raises(ident.IdentityError, match="CLIP vision"):
+    with pytest.raises(ident.value.IdentityError, match="CLIP vision"):
         encode(ident, tiny, PHOTOS[1:], base=first)
     both = encode(ident, tiny, PHOTOS[1:], base=first, clip_vision=tiny_clip)
     whole = encode(ident, tiny, clip_vision=tiny_clip)
@@ -97,38 +93,38 @@ def test_adding_shots_needs_the_clip_model_again(ident, tiny, tiny_clip):
     # A base without CLIP features gets them for its shots too.
     late = encode(ident, tiny, PHOTOS[1:], base=encode(ident, tiny, PHOTOS[:1]), clip_vision=tiny_clip)
     np.testing.assert_allclose(late.clip_features, whole.clip_features, rtol=1e-5, atol=1e-6)
-    with pytest.raises(ident.IdentityError, match="CLIP vision model"):
+    with pytest.raises(ident.value.IdentityError, match="CLIP vision model"):
         encode(ident, tiny, PHOTOS[:1], clip_vision=object())
 
 
 def test_mixing_clip_features(ident, tiny, tiny_clip):
     a = encode(ident, tiny, PHOTOS[:2], clip_vision=tiny_clip)
     b = encode(ident, tiny, PHOTOS[2:], clip_vision=tiny_clip)
-    kept = ident.mix_identities([(a, 1.0), (b, 0.0)])
+    kept = ident.mixing.mix_identities([(a, 1.0), (b, 0.0)])
     np.testing.assert_array_equal(kept.combined_clip_features, a.combined_clip_features)
     np.testing.assert_array_equal(kept.clip_features, a.clip_features)
-    mixed = ident.mix_identities([(a, 0.7), (b, 0.3)])
+    mixed = ident.mixing.mix_identities([(a, 0.7), (b, 0.3)])
     assert mixed.clip_width == a.clip_width and mixed.clip_features.shape[0] == 3
     np.testing.assert_allclose(mixed.combined_clip_features,
                                0.7 * a.combined_clip_features.astype(np.float64) + 0.3 * b.combined_clip_features,
                                rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(mixed.clip_features, np.concatenate([a.clip_features, b.clip_features]))
     without = encode(ident, tiny, PHOTOS[2:])
-    with pytest.raises(ident.IdentityError, match="with and without CLIP"):
-        ident.mix_identities([(a, 0.5), (without, 0.5)])
-    assert ident.mix_identities([(a, 1.0), (without, 0.0)]) is a  # a weight-0 identity is left out
-    narrow = ident.FaceIdentity(**{**{f: getattr(b, f) for f in (
+    with pytest.raises(ident.value.IdentityError, match="with and without CLIP"):
+        ident.mixing.mix_identities([(a, 0.5), (without, 0.5)])
+    assert ident.mixing.mix_identities([(a, 1.0), (without, 0.0)]) is a  # a weight-0 identity is left out
+    narrow = ident.value.FaceIdentity(**{**{f: getattr(b, f) for f in (
         "embeddings", "normed_embeddings", "embedding", "recognizer", "crops", "det_scores", "bboxes", "kps",
         "used", "dropped", "photo_count")}, "clip_features": b.clip_features[:, :, :16].copy(), "clip_width": 16,
         "combined_clip_features": b.combined_clip_features[:, :16].copy(),
         "unconditional_clip_features": b.unconditional_clip_features[:, :16].copy()})
-    with pytest.raises(ident.IdentityError, match="differ in shape"):
-        ident.mix_identities([(a, 0.5), (narrow, 0.5)])
+    with pytest.raises(ident.value.IdentityError, match="differ in shape"):
+        ident.mixing.mix_identities([(a, 0.5), (narrow, 0.5)])
 
 
 def test_save_load_round_trip(ident, tiny, tiny_clip, tmp_path):
     identity = encode(ident, tiny, clip_vision=tiny_clip)
-    loaded = ident.load_identity(ident.save_identity(identity, tmp_path / "clip.safetensors"))
+    loaded = ident.files.load_identity(ident.files.save_identity(identity, tmp_path / "clip.safetensors"))
     assert loaded.clip_width == identity.clip_width
     np.testing.assert_array_equal(loaded.clip_features, identity.clip_features)
     np.testing.assert_array_equal(loaded.combined_clip_features, identity.combined_clip_features)
@@ -143,8 +139,8 @@ def test_save_load_round_trip(ident, tiny, tiny_clip, tmp_path):
     tensors = load_file(str(path))
     del tensors["combined_clip_features"]
     save_file(tensors, str(tmp_path / "broken.safetensors"), metadata=metadata)
-    with pytest.raises(ident.IdentityError, match="combined_clip_features"):
-        ident.load_identity(tmp_path / "broken.safetensors")
+    with pytest.raises(ident.value.IdentityError, match="combined_clip_features"):
+        ident.files.load_identity(tmp_path / "broken.safetensors")
 
 
 def test_node_clip_input(comfy_host, ident, tiny, tiny_clip):
@@ -156,10 +152,10 @@ def test_node_clip_input(comfy_host, ident, tiny, tiny_clip):
     images = torch.from_numpy(np.stack(PHOTOS[:2]))
     args = dict(face_analyzer=tiny, image=images, face="largest", index=0, on_missing="error", outlier_threshold=-1.0)
     out, report = cls.execute(**args, clip_vision=tiny_clip).result
-    assert isinstance(out, ident.FaceIdentity) and out.clip_width == clip_models.TINY_CLIP_WIDTH and "CLIP" in report
+    assert isinstance(out, ident.value.FaceIdentity) and out.clip_width == clip_models.TINY_CLIP_WIDTH and "CLIP" in report
     np.testing.assert_allclose(out.combined_clip_features,
                                weighted_mean(separately(tiny_clip, out.crops), out.det_scores), rtol=1e-4, atol=1e-5)
     plain = cls.execute(**args).result[0]
     assert plain.clip_features is None
-    with pytest.raises(ident.IdentityError, match="CLIP vision"):
+    with pytest.raises(ident.value.IdentityError, match="CLIP vision"):
         cls.execute(**args, identity=out)

@@ -10,6 +10,7 @@ from PIL import Image
 
 from facestudio_testing import clip_models
 from facestudio_testing import face_models as fm
+from facestudio_testing.identity_modules import identity_modules
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*estimate.*deprecated:FutureWarning")
 
@@ -99,7 +100,7 @@ def test_pack_list_and_missing_pack(comfy_host, installed_pack, booted):
 
 @pytest.mark.smoke
 def test_encode_chain_mix_save_load(comfy_host, installed_pack, photos, booted, identities_dir):
-    ident = booted.pack_module("encoders.identity")
+    ident = identity_modules(booted)
     faces = booted.pack_module("encoders.faces")
     prompt = {
         "1": analyzer_node(installed_pack),
@@ -123,9 +124,9 @@ def test_encode_chain_mix_save_load(comfy_host, installed_pack, photos, booted, 
     analyzer = comfy_host.output(result, "1")
     assert isinstance(analyzer, faces.FaceAnalyzer) and analyzer.providers == ("CPUExecutionProvider",)
     chained = comfy_host.output(result, "5")
-    assert isinstance(chained, ident.FaceIdentity)
+    assert isinstance(chained, ident.value.FaceIdentity)
     assert chained.used == (0, 1) and chained.photo_count == 2 and chained.recognizer.file_name == fm.TINY_RECOGNIZER
-    direct = ident.encode_identity(analyzer, [photos["fs_a.png"], photos["fs_b.png"]], cache=None)
+    direct = ident.multishot.encode_identity(analyzer, [photos["fs_a.png"], photos["fs_b.png"]], cache=None)
     np.testing.assert_array_equal(chained.embedding, direct.embedding)
     report = comfy_host.output(result, "5", 1)
     assert "2 shot(s) used of 2 photo(s)" in report and "image 1: detection score" in report
@@ -210,11 +211,11 @@ def test_encode_with_clip_vision_through_the_executor(comfy_host, installed_pack
     result = comfy_host.run(prompt)
     assert result.success, result.error
     identity = comfy_host.output(result, "4")
-    assert isinstance(identity, ident.FaceIdentity) and identity.clip_width == 1024
+    assert isinstance(identity, ident.value.FaceIdentity) and identity.clip_width == 1024
     assert identity.clip_features.shape == (1, 257, 1024) and np.isfinite(identity.clip_features).all()
     assert "CLIP vision features" in comfy_host.output(result, "4", 1)
     clip = comfy.clip_vision.load(str(booted.models / "clip_vision" / name))
-    direct = ident.encode_clip_crops(clip, identity.crops)
+    direct = ident.multishot.encode_clip_crops(clip, identity.crops)
     np.testing.assert_allclose(identity.combined_clip_features, direct[0], rtol=1e-4, atol=1e-4)
 
 

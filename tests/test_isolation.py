@@ -19,6 +19,7 @@ from facestudio_testing import adapter_files as af
 from facestudio_testing import face_models as fm
 from facestudio_testing import face_photos
 from facestudio_testing import graphs
+from facestudio_testing.identity_modules import identity_modules
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*estimate.*deprecated:FutureWarning")
 
@@ -52,14 +53,14 @@ def env(comfy_host, booted, tmp_path_factory):
     if not (packs / fm.TINY_PACK).exists():
         (packs / fm.TINY_PACK).symlink_to(fm.tiny_pack(), target_is_directory=True)
 
-    ident, faces = booted.pack_module("encoders.identity"), booted.pack_module("encoders.faces")
+    ident, faces = identity_modules(booted), booted.pack_module("encoders.faces")
     output = Path(folder_paths.get_output_directory())
     identities = output / "facestudio" / "identities"
-    identity = ident.encode_identity(faces.load_face_analyzer(fm.tiny_pack(), providers="cpu"),
+    identity = ident.multishot.encode_identity(faces.load_face_analyzer(fm.tiny_pack(), providers="cpu"),
                                      [fm.tiny_face_image()], cache=None)
-    inside = ident.save_identity(identity, identities / "fs_iso" / "inside_00001.safetensors")
-    in_output = ident.save_identity(identity, output / "fs_iso_in_output.safetensors")
-    far = ident.save_identity(identity, outside / "fs_iso_far.safetensors")
+    inside = ident.files.save_identity(identity, identities / "fs_iso" / "inside_00001.safetensors")
+    in_output = ident.files.save_identity(identity, output / "fs_iso_in_output.safetensors")
+    far = ident.files.save_identity(identity, outside / "fs_iso_far.safetensors")
     (identities / "fs_iso" / "link_00001.safetensors").symlink_to(far)
     (identities / "fs_iso" / "linked_dir").symlink_to(outside, target_is_directory=True)
     yield {"outside": outside, "output": output, "identities": identities, "identity": identity,

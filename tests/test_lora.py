@@ -11,9 +11,8 @@ import torch
 from safetensors.torch import save_file
 
 from facestudio_testing import adapter_files as af
-from facestudio_testing import graphs
 
-from test_apply import apply, base, identity, person, run_latent, setup  # noqa: F401  (fixture)
+from facestudio_testing.sd15_apply import apply, base, identity, person, run_latent
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*estimate.*deprecated:FutureWarning")
 
@@ -82,20 +81,28 @@ def test_the_paired_file_loads_fully_through_the_hosts_lora_loader(comfy_host, l
     assert len(comfy_host.output(result, node).patches) == EXPECTED_MODULES
 
 
+@pytest.mark.parametrize("strength", [0.6, None], ids=["strength-0.6", "default"])
 @pytest.mark.parametrize("adapter", ["fs_apply_faceid_sd15.safetensors", FACEID_NO_LORA],
                          ids=["lora-inside-the-adapter", "paired-file"])
-def test_lora_strength_equals_the_hosts_lora_loader(comfy_host, lora_setup, adapter):
+def test_lora_strength_equals_the_hosts_lora_loader(comfy_host, lora_setup, adapter, strength):
+    """Apply's LoRA at `strength` (None: the node's own default, 1.0) equals the host's LoraLoaderModelOnly at it."""
     by_loader = base(lora_setup)
-    by_loader.insert_model_node("LoraLoaderModelOnly", {"lora_name": PAIRED, "strength_model": 0.6})
+    by_loader.insert_model_node("LoraLoaderModelOnly", {"lora_name": PAIRED,
+                                                        "strength_model": 1.0 if strength is None else strength})
     loaded = apply(by_loader, person(by_loader, identity(by_loader, "fs_apply_a.png", "a")), adapter=adapter)
-    by_loader.prompt[loaded]["inputs"]["lora_strength"] = 0.0  # the loader's LoRA only (the default is now 1.0)
+    by_loader.prompt[loaded]["inputs"]["lora_strength"] = 0.0  # the loader's LoRA only
     by_apply = base(lora_setup)
-    node = apply(by_apply, person(by_apply, identity(by_apply, "fs_apply_a.png", "a")), adapter=adapter)
-    by_apply.prompt[node]["inputs"]["lora_strength"] = 0.6
+    node = apply(by_apply, person(by_apply, identity(by_apply, "fs_apply_a.png", "a")), adapter=adapter,
+                 lora_strength=strength)
+    assert strength is not None or "lora_strength" not in by_apply.prompt[node]["inputs"]
+    result = comfy_host.run(by_apply.prompt)
+    assert result.success, result.error
+    assert comfy_host.output(result, node, 1) == ""  # the LoRA was found: nothing to report
     expected = run_latent(comfy_host, by_loader)
-    torch.testing.assert_close(run_latent(comfy_host, by_apply), expected, atol=1e-6, rtol=0)
-    by_apply.prompt[node]["inputs"]["lora_strength"] = 0.0
-    assert (run_latent(comfy_host, by_apply) - expected).abs().max() > 1e-4  # the LoRA made a difference
+    torch.testing.assert_close(comfy_host.output(result, by_apply["sampler"])["samples"], expected, atol=1e-6, rtol=0)
+    if strength is not None:
+        by_apply.prompt[node]["inputs"]["lora_strength"] = 0.0
+        assert (run_latent(comfy_host, by_apply) - expected).abs().max() > 1e-4  # the LoRA made a difference
 
 
 def test_the_default_strength_is_one(booted):
@@ -103,23 +110,6 @@ def test_the_default_strength_is_one(booted):
     assert inputs["lora_strength"].default == 1.0 and inputs["lora_strength"].optional
     outputs = booted.pack_module("nodes.apply").FaceStudioApply.define_schema().outputs
     assert [o.display_name for o in outputs] == ["model", "report"]  # report added last: saved links keep slot 0
-
-
-@pytest.mark.parametrize("adapter", ["fs_apply_faceid_sd15.safetensors", FACEID_NO_LORA],
-                         ids=["lora-inside-the-adapter", "paired-file"])
-def test_the_default_equals_the_hosts_lora_loader_at_one(comfy_host, lora_setup, adapter):
-    by_loader = base(lora_setup)
-    by_loader.insert_model_node("LoraLoaderModelOnly", {"lora_name": PAIRED, "strength_model": 1.0})
-    loaded = apply(by_loader, person(by_loader, identity(by_loader, "fs_apply_a.png", "a")), adapter=adapter)
-    by_loader.prompt[loaded]["inputs"]["lora_strength"] = 0.0
-    by_apply = base(lora_setup)
-    node = apply(by_apply, person(by_apply, identity(by_apply, "fs_apply_a.png", "a")), adapter=adapter)
-    assert "lora_strength" not in by_apply.prompt[node]["inputs"]  # the node's own default
-    result = comfy_host.run(by_apply.prompt)
-    assert result.success, result.error
-    assert comfy_host.output(result, node, 1) == ""
-    torch.testing.assert_close(comfy_host.output(result, by_apply["sampler"])["samples"],
-                               run_latent(comfy_host, by_loader), atol=1e-6, rtol=0)
 
 
 def test_a_chained_apply_adds_the_lora_once(comfy_host, lora_setup):

@@ -10,6 +10,7 @@ import torch
 
 from facestudio_testing import adapter_files as af
 from facestudio_testing import face_models as fm
+from facestudio_testing.identity_modules import identity_modules
 
 
 def comfy_float(rgb_uint8: np.ndarray) -> np.ndarray:
@@ -23,7 +24,7 @@ def unit(v) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def mods(booted):
-    return booted.pack_module("encoders.identity"), booted.pack_module("attention.patch")
+    return identity_modules(booted), booted.pack_module("attention.patch")
 
 
 def variants(photo: np.ndarray, count: int) -> list[np.ndarray]:
@@ -40,7 +41,7 @@ def two_people(booted, mods):
     analyzer = booted.pack_module("encoders.faces").load_face_analyzer(fm.real_pack(), providers="cpu")
     t1 = np.ascontiguousarray(insightface.data.get_image("t1")[:, :, ::-1])
     third = t1.shape[1] // 3
-    a, b = (mods[0].encode_identity(analyzer, variants(np.ascontiguousarray(t1[:, c * third:(c + 1) * third]), n),
+    a, b = (mods[0].multishot.encode_identity(analyzer, variants(np.ascontiguousarray(t1[:, c * third:(c + 1) * third]), n),
                                     outlier_threshold=-1.0) for c, n in ((0, 3), (2, 2)))
     assert (a.shot_count, b.shot_count) == (3, 2)
     return a, b
@@ -50,7 +51,7 @@ def two_people(booted, mods):
 def two_512_people(booted, mods):
     """The same shot counts with the tiny 512-d recognizer the FaceID adapters' width needs."""
     analyzer = booted.pack_module("encoders.faces").load_face_analyzer(fm.tiny_pack(), providers="cpu")
-    a, b = (mods[0].encode_identity(analyzer, variants(fm.tiny_face_image(((6, 6, colour),)), n),
+    a, b = (mods[0].multishot.encode_identity(analyzer, variants(fm.tiny_face_image(((6, 6, colour),)), n),
                                     outlier_threshold=-1.0) for colour, n in (("white", 3), ("green", 2)))
     assert (a.shot_count, b.shot_count) == (3, 2)
     return a, b
@@ -68,7 +69,7 @@ def portrait(booted, tmp_path_factory):
 def test_portrait_rows_of_a_mix_are_the_weighted_blend_of_the_people(mods, two_people):
     ident = mods[0]
     a, b = two_people
-    mix = ident.mix_identities([(a, 0.3), (b, 0.7)])
+    mix = ident.mixing.mix_identities([(a, 0.3), (b, 0.7)])
     rows = mix.shot_rows(normed=True)
     assert rows.shape == (3, a.embedding_dim)  # as many as the larger person has shots
     for k in range(3):
@@ -78,7 +79,7 @@ def test_portrait_rows_of_a_mix_are_the_weighted_blend_of_the_people(mods, two_p
         np.testing.assert_allclose(mix.shot_rows(normed=False)[k], expected * raw_norm, rtol=1e-5)
     # One person, or a person mixed with themselves, keeps their own shots.
     np.testing.assert_array_equal(a.shot_rows(), a.normed_embeddings)
-    np.testing.assert_allclose(ident.mix_identities([(a, 0.3), (a, 0.7)]).shot_rows(), a.normed_embeddings,
+    np.testing.assert_allclose(ident.mixing.mix_identities([(a, 0.3), (a, 0.7)]).shot_rows(), a.normed_embeddings,
                                atol=1e-6)
 
 
@@ -97,17 +98,17 @@ def test_portrait_tokens_follow_the_mix_weights_not_the_shot_counts(mods, two_51
         x = torch.nn.functional.normalize(rows(mixed).double(), dim=-1)
         return float((x @ torch.from_numpy(person.embedding).double()).mean())
 
-    toward_b = ident.mix_identities([(a, 0.3), (b, 0.7)])
-    toward_a = ident.mix_identities([(a, 0.7), (b, 0.3)])
+    toward_b = ident.mixing.mix_identities([(a, 0.3), (b, 0.7)])
+    toward_a = ident.mixing.mix_identities([(a, 0.7), (b, 0.3)])
     assert not torch.allclose(rows(toward_a), rows(toward_b))
     assert closeness(toward_b, b) > closeness(toward_b, a)
     assert closeness(toward_a, a) > closeness(toward_a, b)
-    assert torch.equal(rows(ident.mix_identities([(a, 1.0), (b, 0.0)])), rows(a))
+    assert torch.equal(rows(ident.mixing.mix_identities([(a, 1.0), (b, 0.0)])), rows(a))
 
 
 def test_a_saved_mix_keeps_its_portrait_rows(mods, two_people, tmp_path):
     ident = mods[0]
-    mix = ident.mix_identities([(two_people[0], 0.3), (two_people[1], 0.7)])
-    loaded = ident.load_identity(ident.save_identity(mix, tmp_path / "mix.safetensors"))
+    mix = ident.mixing.mix_identities([(two_people[0], 0.3), (two_people[1], 0.7)])
+    loaded = ident.files.load_identity(ident.files.save_identity(mix, tmp_path / "mix.safetensors"))
     for normed in (True, False):
         assert loaded.shot_rows(normed).tobytes() == mix.shot_rows(normed).tobytes()

@@ -8,7 +8,7 @@ def folders(booted):
     import folder_paths
 
     saved = {k: (list(v[0]), type(v[1])(v[1])) for k, v in folder_paths.folder_names_and_paths.items()}
-    yield booted.pack_module("nodes.model_folders")
+    yield booted.pack_module("startup.model_folders")
     folder_paths.folder_names_and_paths.clear()
     folder_paths.folder_names_and_paths.update(saved)
     folder_paths.filename_list_cache.clear()

@@ -21,6 +21,7 @@ import torch
 from facestudio_testing import adapter_files as af
 from facestudio_testing import clip_models, face_photos, reference_projection
 from facestudio_testing import face_models as fm
+from facestudio_testing.identity_modules import identity_modules
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*estimate.*deprecated:FutureWarning")
 
@@ -29,12 +30,7 @@ FACE = 2  # a face of t1 well inside the photo
 
 @pytest.fixture(scope="module")
 def ident(booted):
-    return booted.pack_module("encoders.identity")
-
-
-@pytest.fixture(scope="module")
-def tiny_clip(booted, tmp_path_factory):
-    return clip_models.tiny_clip_vision(tmp_path_factory.mktemp("clip"))
+    return identity_modules(booted)
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +73,7 @@ def reference_face(real):
 @pytest.fixture(scope="module")
 def identity(ident, real, tiny_clip):
     photo = face_photos.comfy_float(face_photos.t1())
-    return ident.encode_identity(real, [photo], select="index", index=FACE, outlier_threshold=-1.0, cache=None,
+    return ident.multishot.encode_identity(real, [photo], select="index", index=FACE, outlier_threshold=-1.0, cache=None,
                                  clip_vision=tiny_clip)
 
 
@@ -139,7 +135,7 @@ def test_sd15_and_sdxl_plus_v2_read_the_224_crop(booted, tmp_path, ident, tiny, 
     adapter reads the features of the 224 crop, not those of cubiq's 256 px crop resized (SDXL)."""
     patch = booted.pack_module("attention.patch")
     adapter = _plus_v2(booted, tmp_path, base)
-    identity = ident.encode_identity(tiny, [fm.tiny_face_image().astype(np.float32) / 255.0], outlier_threshold=-1.0,
+    identity = ident.multishot.encode_identity(tiny, [fm.tiny_face_image().astype(np.float32) / 255.0], outlier_threshold=-1.0,
                                      cache=None, clip_vision=tiny_clip)
     _, clip, uncond, _ = patch._identity_inputs(adapter, identity)
     official = official_hidden(official_clip, processor_pixels(identity.crops[0]))
@@ -150,8 +146,8 @@ def test_sd15_and_sdxl_plus_v2_read_the_224_crop(booted, tmp_path, ident, tiny, 
 
 def test_crops_at_another_size_are_refused(ident, tiny_clip):
     crops = np.zeros((1, 256, 256, 3), np.uint8)
-    with pytest.raises(ident.IdentityError, match=r"\(256, 256, 3\).*224x224.*Load CLIP Vision"):
-        ident.encode_clip_crops(tiny_clip, crops)
+    with pytest.raises(ident.value.IdentityError, match=r"\(256, 256, 3\).*224x224.*Load CLIP Vision"):
+        ident.multishot.encode_clip_crops(tiny_clip, crops)
 
 
 @pytest.fixture(scope="module")
@@ -166,7 +162,7 @@ def test_tokens_follow_get_image_embeds(booted, tmp_path, ident, tiny, tiny_clip
     patch = booted.pack_module("attention.patch")
     projection = booted.pack_module("attention.projection")
     adapter = _plus_v2(booted, tmp_path, af.SD15)
-    identity = ident.encode_identity(tiny, [fm.tiny_face_image().astype(np.float32) / 255.0], outlier_threshold=-1.0,
+    identity = ident.multishot.encode_identity(tiny, [fm.tiny_face_image().astype(np.float32) / 255.0], outlier_threshold=-1.0,
                                      cache=None, clip_vision=tiny_clip)
     person = patch.add_person(None, identity, shortcut_scale=s_scale)[0]
     cond, uncond = patch._person_tokens(adapter, projection.projection_for(adapter), person)

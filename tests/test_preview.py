@@ -1,4 +1,4 @@
-"""The face preview (encoders/drawing.py, FaceStudio Face Preview) on insightface's six-person photo
+"""The face preview (inspection/drawing.py, FaceStudio Face Preview) on insightface's six-person photo
 with the trained YuNet + SFace pack, and in the host's real executor."""
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:.*estimate.*deprecated:FutureWar
 
 @pytest.fixture(scope="module")
 def drawing(booted):
-    return booted.pack_module("encoders.drawing")
+    return booted.pack_module("inspection.drawing")
 
 
 @pytest.fixture(scope="module")
@@ -46,32 +46,32 @@ def half_size_masks() -> np.ndarray:
 # ------------------------------------------------------------------------------------------------
 def test_face_numbers_are_the_ones_encode_identity_uses(drawing, faces, real, t1, detected):
     bboxes, _ = detected
-    ranked = [bboxes[i, :4] for i in drawing.face_order(bboxes, "left-to-right")]
+    ranked = [bboxes[i, :4] for i in faces.face_order(bboxes, "left-to-right")]
     embedded = faces.detect_and_embed(real, t1, select="left-to-right")
     np.testing.assert_allclose(np.stack(ranked), np.stack([f.bbox for f in embedded]), atol=1e-4)
     (largest,) = faces.detect_and_embed(real, t1, select="largest")
-    np.testing.assert_allclose(bboxes[drawing.face_order(bboxes, "largest")[0], :4], largest.bbox, atol=1e-4)
+    np.testing.assert_allclose(bboxes[faces.face_order(bboxes, "largest")[0], :4], largest.bbox, atol=1e-4)
     for k in range(6):
         (chosen,) = faces.detect_and_embed(real, t1, select="index", index=k)
         np.testing.assert_allclose(ranked[k], chosen.bbox, atol=1e-4)
     # Equal areas: the higher detection score first, as Encode Identity's "largest" picks.
     boxes = np.array([[0, 0, 10, 10, 0.5], [20, 0, 30, 10, 0.9], [40, 0, 45, 5, 0.99]])
-    assert drawing.face_order(boxes, "left-to-right") == [0, 1, 2]
-    assert drawing.face_order(boxes, "largest") == [1, 0, 2]
-    assert drawing.face_order(np.zeros((0, 5)), "largest") == []
+    assert faces.face_order(boxes, "left-to-right") == [0, 1, 2]
+    assert faces.face_order(boxes, "largest") == [1, 0, 2]
+    assert faces.face_order(np.zeros((0, 5)), "largest") == []
     with pytest.raises(faces.FaceError, match="order must be one of left-to-right, largest"):
-        drawing.face_order(boxes, "right-to-left")
+        faces.face_order(boxes, "right-to-left")
 
 
 # ------------------------------------------------------------------------------------------------
 # Drawing
 # ------------------------------------------------------------------------------------------------
-def test_each_face_is_drawn_in_its_numbers_colour(drawing, t1, detected):
+def test_each_face_is_drawn_in_its_numbers_colour(faces, drawing, t1, detected):
     bboxes, kpss = detected
     image = fp.comfy_float(t1)
     out = drawing.draw_preview(image, bboxes, kpss)
     assert out.shape == image.shape and out.dtype == np.float32
-    for k, row in enumerate(drawing.face_order(bboxes, "left-to-right")):
+    for k, row in enumerate(faces.face_order(bboxes, "left-to-right")):
         colour = list(drawing.person_colour(k))
         assert as_bytes(out[left_edge(bboxes[row])]).tolist() == colour, k
         for x, y in kpss[row]:
@@ -82,9 +82,9 @@ def test_each_face_is_drawn_in_its_numbers_colour(drawing, t1, detected):
     assert not np.array_equal(out[:520], image[:520])
 
     by_size = drawing.draw_preview(image, bboxes, kpss, order="largest")
-    largest = drawing.face_order(bboxes, "largest")[0]
+    largest = faces.face_order(bboxes, "largest")[0]
     assert as_bytes(by_size[left_edge(bboxes[largest])]).tolist() == list(drawing.person_colour(0))
-    assert largest != drawing.face_order(bboxes, "left-to-right")[0]
+    assert largest != faces.face_order(bboxes, "left-to-right")[0]
 
 
 def test_region_masks_are_tinted_in_their_persons_colour(drawing, faces, t1, detected):
@@ -129,7 +129,7 @@ def test_no_face_is_said_on_the_image(drawing, faces, real):
     assert np.array_equal(out[100:], image[100:])
 
 
-def test_pixels_not_drawn_keep_their_values_and_alpha(drawing, t1, detected):
+def test_pixels_not_drawn_keep_their_values_and_alpha(faces, drawing, t1, detected):
     bboxes, kpss = detected
     rng = np.random.default_rng(0)
     rgba = np.concatenate([fp.comfy_float(t1), rng.uniform(0, 1, t1.shape[:2] + (1,)).astype(np.float32)], axis=2)
@@ -138,7 +138,7 @@ def test_pixels_not_drawn_keep_their_values_and_alpha(drawing, t1, detected):
     assert out.shape == rgba.shape
     np.testing.assert_array_equal(out[..., 3], rgba[..., 3])
     np.testing.assert_array_equal(out[520:], rgba[520:])
-    first = left_edge(bboxes[drawing.face_order(bboxes)[0]])
+    first = left_edge(bboxes[faces.face_order(bboxes)[0]])
     assert as_bytes(out[first][:3]).tolist() == list(drawing.person_colour(0))
 
 
@@ -181,7 +181,7 @@ def test_preview_node_in_the_executor(comfy_host, packs, photos, drawing, faces,
         assert len(bboxes) == (6 if i == 0 else 2)
         expected = drawing.draw_preview(photo, bboxes, kpss, masks=masks.numpy(), opacity=0.4)
         np.testing.assert_array_equal(out[i].numpy(), expected)
-        first = drawing.face_order(bboxes)[0]
+        first = faces.face_order(bboxes)[0]
         assert as_bytes(out[i, left_edge(bboxes[first])[0], left_edge(bboxes[first])[1]].numpy()).tolist() == \
             list(drawing.person_colour(0))
     assert len(result.ui["9"]["images"]) == 2

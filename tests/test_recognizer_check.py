@@ -24,6 +24,7 @@ from PIL import Image
 from facestudio_testing import adapter_files as af
 from facestudio_testing import face_models as fm
 from facestudio_testing import graphs
+from facestudio_testing.identity_modules import identity_modules
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*estimate.*deprecated:FutureWarning")
 
@@ -43,7 +44,7 @@ def as_made_by(identity, file_name: str, sha256_16: str):
 @pytest.fixture(scope="module")
 def tiny_identity(booted):
     analyzer = booted.pack_module("encoders.faces").load_face_analyzer(fm.tiny_pack(), providers="cpu")
-    identity = booted.pack_module("encoders.identity").encode_identity(analyzer, [fm.tiny_face_image()])
+    identity = identity_modules(booted).multishot.encode_identity(analyzer, [fm.tiny_face_image()])
     assert identity.embedding_dim == 512
     return identity
 
@@ -55,7 +56,7 @@ def env(comfy_host, booted, tiny_sd15, tiny_identity):
     warning cannot have been logged by an earlier test)."""
     import folder_paths
 
-    ident = booted.pack_module("encoders.identity")
+    ident = identity_modules(booted)
     adapter = af.write_adapter(booted.models / "ipadapter" / FACEID, af.shared_state_dict("faceid", af.SD15))
     folder_paths.filename_list_cache.pop("ipadapter", None)
     unknown = secrets.token_hex(8)
@@ -67,7 +68,7 @@ def env(comfy_host, booted, tiny_sd15, tiny_identity):
     }
     written = {}
     for label, (name, sha) in files.items():
-        path = ident.save_identity(as_made_by(tiny_identity, name, sha), root / f"fs_reccheck_{label}.safetensors")
+        path = ident.files.save_identity(as_made_by(tiny_identity, name, sha), root / f"fs_reccheck_{label}.safetensors")
         written[label] = path.name
     yield {"checkpoint": tiny_sd15, "files": written, "unknown": unknown}
     adapter.unlink()
@@ -146,9 +147,9 @@ def test_every_faceid_kind_takes_buffalo_l_and_refuses_glintr100(booted, adapter
 def test_an_identity_file_without_a_recognizer_hash_warns_and_runs(booted, adapters, tiny_identity, tmp_path, caplog):
     """Every identity file format so far records the hash; one whose hash is blank (written by hand or by
     another tool) cannot be checked, so it is warned about, not refused."""
-    ident, patch = booted.pack_module("encoders.identity"), booted.pack_module("attention.patch")
+    ident, patch = identity_modules(booted), booted.pack_module("attention.patch")
     name = f"hashless_{secrets.token_hex(4)}.onnx"
-    loaded = ident.load_identity(ident.save_identity(as_made_by(tiny_identity, name, ""), tmp_path / "old.safetensors"))
+    loaded = ident.files.load_identity(ident.files.save_identity(as_made_by(tiny_identity, name, ""), tmp_path / "old.safetensors"))
     with caplog.at_level(logging.WARNING, logger=LOGGER):
         for _ in range(2):
             patch._identity_inputs(adapters["faceid"], loaded)

@@ -23,6 +23,11 @@ def regions(booted):
 
 
 @pytest.fixture(scope="module")
+def drawing(booted):
+    return booted.pack_module("inspection.drawing")
+
+
+@pytest.fixture(scope="module")
 def left_to_right(faces, real, t1):
     """The six face boxes in Encode Identity's left-to-right order (its `index`)."""
     embedded = faces.detect_and_embed(real, t1, select="left-to-right")
@@ -127,7 +132,7 @@ def test_ties_go_to_the_face_further_left(regions):
     assert (labels[15, 20:25] == 0).all() and (labels[15, 25:30] == 1).all()  # nearer centre in the overlap
 
 
-def test_more_faces_than_count_takes_the_largest_and_fewer_is_a_clear_error(regions, booted, real, t1,
+def test_more_faces_than_count_takes_the_largest_and_fewer_is_a_clear_error(drawing, regions, booted, real, t1,
                                                                             left_to_right):
     image = fp.comfy_float(t1)
     two = regions.face_regions(real, image, 2, "partition")
@@ -137,10 +142,10 @@ def test_more_faces_than_count_takes_the_largest_and_fewer_is_a_clear_error(regi
     np.testing.assert_allclose(two.faces[:, :4], left_to_right[largest], atol=1e-4)
     assert len(two.unused) == 4 and two.masks.shape == (2, 886, 1280)
     assert (two.masks.sum(axis=0) == 1.0).all()
-    drawn = two.preview(image)  # the faces left out: boxed in grey
+    drawn = drawing.draw_regions(two, image)  # the faces left out: boxed in grey
     for box in left_to_right[[1, 3, 4, 5]]:
         row, column = int(round((box[1] + box[3]) / 2)), int(round(box[0]))
-        assert np.rint(drawn[row, column] * 255).tolist() == list(booted.pack_module("encoders.drawing").UNMATCHED)
+        assert np.rint(drawn[row, column] * 255).tolist() == list(drawing.UNMATCHED)
 
     with pytest.raises(regions.RegionError) as error:
         regions.face_regions(real, image, 7, "grow")
@@ -245,20 +250,19 @@ def test_bad_feathering_is_a_clear_error(regions):
 # ------------------------------------------------------------------------------------------------
 # Preview
 # ------------------------------------------------------------------------------------------------
-def test_preview_tints_each_region_in_its_persons_colour(regions, booted, on_t1, t1):
-    drawing = booted.pack_module("encoders.drawing")
+def test_preview_tints_each_region_in_its_persons_colour(drawing, regions, booted, on_t1, t1):
     split = regions.split_regions("columns", 3, 60, 90)
-    out = split.preview()
+    out = drawing.draw_regions(split)
     assert out.shape == (60, 90, 3) and out.dtype == np.float32
     for i, x in enumerate((2, 32, 62)):
-        grey = regions.SPLIT_CANVAS_GREY
+        grey = drawing.SPLIT_CANVAS_GREY
         expected = np.rint(grey * (1 - drawing.DEFAULT_OPACITY) + np.asarray(drawing.person_colour(i)) *
                            drawing.DEFAULT_OPACITY)
         np.testing.assert_array_equal(np.rint(out[2, x] * 255), expected)
 
     result = on_t1["partition"]
     image = fp.comfy_float(t1)
-    drawn = result.preview(image)
+    drawn = drawing.draw_regions(result, image)
     assert drawn.shape == image.shape
     for i, box in enumerate(result.faces):  # each face box in its person's colour
         row, column = int(round((box[1] + box[3]) / 2)), int(round(box[0]))
@@ -328,7 +332,7 @@ def t1_input(booted, t1):
 
 
 @pytest.mark.parametrize("mode", ["grow", "partition"])
-def test_node_from_faces_in_the_executor(comfy_host, packs, t1_input, regions, real, t1, mode):
+def test_node_from_faces_in_the_executor(drawing, comfy_host, packs, t1_input, regions, real, t1, mode):
     real_pack, _ = packs
     prompt = {"1": fp.analyzer_node(real_pack), "2": fp.load_image(t1_input),
               "3": regions_node(mode, 6, "1", "2", feather=4)}
@@ -339,7 +343,7 @@ def test_node_from_faces_in_the_executor(comfy_host, packs, t1_input, regions, r
     assert masks.dtype == torch.float32 and tuple(masks.shape) == (6, 886, 1280)
     np.testing.assert_array_equal(masks.numpy(), expected.masks)
     assert tuple(preview.shape) == (1, 886, 1280, 3)
-    np.testing.assert_array_equal(preview[0].numpy(), expected.preview(fp.comfy_float(t1)))
+    np.testing.assert_array_equal(preview[0].numpy(), drawing.draw_regions(expected, fp.comfy_float(t1)))
     assert len(result.ui["3"]["images"]) == 1
 
 
@@ -687,7 +691,7 @@ def has_bounding_boxes() -> bool:
     return hasattr(io, "BoundingBox")
 
 
-def test_segments_node_in_the_executor(comfy_host, packs, t1_input, fixed_segments, regions, real, t1, t1_segments,
+def test_segments_node_in_the_executor(drawing, comfy_host, packs, t1_input, fixed_segments, regions, real, t1, t1_segments,
                                        on_segments):
     real_pack, _ = packs
     fixed_segments["t1"] = (torch.from_numpy(t1_segments[1]), sam3_boxes(t1_segments[0], SCORE_ORDER))
@@ -700,7 +704,7 @@ def test_segments_node_in_the_executor(comfy_host, packs, t1_input, fixed_segmen
     masks, preview, report = (comfy_host.output(result, "4", i) for i in range(3))
     assert masks.dtype == torch.float32
     np.testing.assert_array_equal(masks.numpy(), on_segments.masks)
-    np.testing.assert_array_equal(preview[0].numpy(), on_segments.preview(fp.comfy_float(t1)))
+    np.testing.assert_array_equal(preview[0].numpy(), drawing.draw_regions(on_segments, fp.comfy_float(t1)))
     assert report == on_segments.report() and "split between them by nearest face" in report
     result = comfy_host.run({**prompt, "3": {"class_type": "FSTestFixedSegments", "inputs": {"key": "none"}}})
     assert not result.success and result.error_node == "4"

@@ -1,4 +1,4 @@
-"""Identity scoring (encoders/scoring.py, FaceStudio Identity Score) on real photos and real models.
+"""Identity scoring (inspection/scoring.py, FaceStudio Identity Score) on real photos and real models.
 
 The faces come from the trained YuNet + SFace pair (see facestudio_testing/face_models.py) on
 insightface's six-person photo; the node tests run the host's real executor, photos through its
@@ -15,6 +15,7 @@ import pytest
 
 from facestudio_testing import face_models as fm
 from facestudio_testing import face_photos as fp
+from facestudio_testing.identity_modules import identity_modules
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*estimate.*deprecated:FutureWarning")
 
@@ -24,12 +25,12 @@ pytestmark = pytest.mark.filterwarnings("ignore:.*estimate.*deprecated:FutureWar
 # ------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def scoring(booted):
-    return booted.pack_module("encoders.scoring")
+    return booted.pack_module("inspection.scoring")
 
 
 @pytest.fixture(scope="module")
 def identity(booted):
-    return booted.pack_module("encoders.identity")
+    return identity_modules(booted)
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +41,7 @@ def tiny(faces):
 @pytest.fixture(scope="module")
 def people(identity, real, t1):
     """One identity per person of t1, from that photo, in left-to-right order."""
-    return [identity.encode_identity(real, [t1], select="index", index=i, cache=None) for i in range(6)]
+    return [identity.multishot.encode_identity(real, [t1], select="index", index=i, cache=None) for i in range(6)]
 
 
 def greedy(matrix) -> list[tuple[int, int]]:
@@ -206,7 +207,7 @@ def test_threshold_only_labels(scoring, real, people, t1):
 
 
 def test_identities_of_another_recognizer_are_refused(scoring, faces, identity, real, tiny, people, tmp_path):
-    tiny_person = identity.encode_identity(tiny, [fm.tiny_face_image()], cache=None)
+    tiny_person = identity.multishot.encode_identity(tiny, [fm.tiny_face_image()], cache=None)
     with pytest.raises(scoring.ScoringError) as error:
         scoring.score_images(real, [fp.faceless(64, 64)], [("identity_1", people[0]), ("identity_2", tiny_person)])
     message = str(error.value)
@@ -316,7 +317,7 @@ def test_score_node_pairs_by_optimal_assignment(comfy_host, packs, photos, boote
     """Two mixed identities that make greedy pairing fail: identity_1 leans to person 0 but has some
     of person 1; identity_3 (identity_2 left unconnected) is person 0 with some of person 2 (absent
     from the photo)."""
-    drawing = booted.pack_module("encoders.drawing")
+    drawing = booted.pack_module("inspection.drawing")
     real_pack, _ = packs
     mix = lambda a, b, w: {"class_type": "FaceStudioIdentityMix",  # noqa: E731
                            "inputs": {"identity_a": [a, 0], "identity_b": [b, 0], "weight": w,

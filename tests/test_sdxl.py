@@ -15,6 +15,7 @@ from facestudio_testing import face_models as fm
 from facestudio_testing import graphs
 from facestudio_testing import tiny_sdxl
 from facestudio_testing.meta_models import diffusers_unet
+from facestudio_testing.identity_modules import identity_modules
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*estimate.*deprecated:FutureWarning")
 
@@ -55,9 +56,9 @@ def clips(booted, tmp_path_factory):
 @pytest.fixture(scope="module")
 def people(booted, clips):
     """Two identities from the tiny face pack, with ViT-H-wide CLIP features of their face crops."""
-    faces, ident = booted.pack_module("encoders.faces"), booted.pack_module("encoders.identity")
+    faces, ident = booted.pack_module("encoders.faces"), identity_modules(booted)
     analyzer = faces.load_face_analyzer(fm.tiny_pack(), providers="cpu")
-    return [ident.encode_identity(analyzer, [fm.tiny_face_image(cells).astype(np.float32) / 255.0], cache=None,
+    return [ident.multishot.encode_identity(analyzer, [fm.tiny_face_image(cells).astype(np.float32) / 255.0], cache=None,
                                   clip_vision=clips["vit-h"])
             for cells in (((6, 6, "white"),), ((8, 5, "green"),))]
 

@@ -10,7 +10,8 @@ from facestudio_testing import adapter_files as af
 from facestudio_testing import clip_models
 from facestudio_testing import face_models as fm
 
-from test_apply import apply, base, identity, person, run_latent, setup  # noqa: F401  (fixture)
+from facestudio_testing.sd15_apply import apply, base, identity, person, run_latent
+from facestudio_testing.identity_modules import identity_modules
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*estimate.*deprecated:FutureWarning")
 
@@ -20,12 +21,12 @@ VITL_HIDDEN = 1024                                 # the test ViT-L's hidden wid
 
 def _identity(booted, seed: int, clip_tokens: int = 9, width: int = af.VIT_H_HIDDEN):
     """A one-shot FaceIdentity (the pack's own type) with a seeded embedding and CLIP features."""
-    ident, faces = booted.pack_module("encoders.identity"), booted.pack_module("encoders.faces")
+    ident, faces = identity_modules(booted), booted.pack_module("encoders.faces")
     rng = np.random.default_rng(seed)
     emb = rng.standard_normal(512).astype(np.float32)
     unit = emb / np.linalg.norm(emb)
     features = rng.standard_normal((1, clip_tokens, width)).astype(np.float32)
-    return ident.FaceIdentity(
+    return ident.value.FaceIdentity(
         embeddings=emb[None], normed_embeddings=unit[None], embedding=unit,
         recognizer=faces.RecognizerIdentity(fm.TINY_RECOGNIZER, "%016x" % seed, 512),
         crops=np.zeros((1, 224, 224, 3), np.uint8), det_scores=np.ones(1, np.float32),

@@ -5,7 +5,6 @@ import numpy as np
 import pytest
 import torch
 
-from facestudio_testing import clip_models
 from facestudio_testing import face_models as fm
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*estimate.*deprecated:FutureWarning")
@@ -14,12 +13,6 @@ pytestmark = pytest.mark.filterwarnings("ignore:.*estimate.*deprecated:FutureWar
 @pytest.fixture(scope="module")
 def style(booted):
     return booted.pack_module("encoders.style")
-
-
-@pytest.fixture(scope="module")
-def tiny_clip(booted, tmp_path_factory):
-    """comfy.clip_vision.ClipVisionModel (the host's CLIP_VISION object) at a tiny size, seeded weights."""
-    return clip_models.tiny_clip_vision(tmp_path_factory.mktemp("clip"))
 
 
 @pytest.fixture(scope="module")

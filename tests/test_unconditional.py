@@ -9,6 +9,7 @@ import torch
 from facestudio_testing import adapter_files as af
 from facestudio_testing import clip_models
 from facestudio_testing import face_models as fm
+from facestudio_testing.identity_modules import identity_modules
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*estimate.*deprecated:FutureWarning")
 
@@ -16,14 +17,9 @@ WIDTH = clip_models.TINY_CLIP_WIDTH
 
 
 @pytest.fixture(scope="module")
-def tiny_clip(booted, tmp_path_factory):
-    return clip_models.tiny_clip_vision(tmp_path_factory.mktemp("clip"))
-
-
-@pytest.fixture(scope="module")
 def mods(booted):
-    return {name: booted.pack_module(name) for name in (
-        "encoders.clip_vision", "encoders.identity", "encoders.style", "encoders.faces", "attention.adapters",
+    return {"identity": identity_modules(booted)} | {name: booted.pack_module(name) for name in (
+        "encoders.clip_vision", "encoders.style", "encoders.faces", "attention.adapters",
         "attention.patch", "attention.projection")}
 
 
@@ -65,10 +61,10 @@ def test_zero_image_features_equal_the_reference_encoder_on_zeros(mods, tiny_cli
 
 
 def test_identities_and_styles_carry_the_zero_image_features(mods, analyzer, tiny_clip, tmp_path):
-    ident, zero = mods["encoders.identity"], mods["encoders.clip_vision"].zero_image_hidden_states(tiny_clip)
-    identity = ident.encode_identity(analyzer, [photo()], clip_vision=tiny_clip, cache=None)
+    ident, zero = mods["identity"], mods["encoders.clip_vision"].zero_image_hidden_states(tiny_clip)
+    identity = ident.multishot.encode_identity(analyzer, [photo()], clip_vision=tiny_clip, cache=None)
     np.testing.assert_array_equal(identity.unconditional_clip_features, zero[0].numpy())
-    loaded = ident.load_identity(ident.save_identity(identity, tmp_path / "i.safetensors"))
+    loaded = ident.files.load_identity(ident.files.save_identity(identity, tmp_path / "i.safetensors"))
     np.testing.assert_array_equal(loaded.unconditional_clip_features, zero[0].numpy())
     style = mods["encoders.style"].encode_style(tiny_clip, torch.from_numpy(photo())[None])
     torch.testing.assert_close(style.unconditional_hidden_states, zero, atol=0, rtol=0)
@@ -78,36 +74,36 @@ def test_a_version_1_file_with_clip_features_asks_to_encode_again(mods, analyzer
     from safetensors.numpy import load_file, save_file
     from safetensors import safe_open
 
-    ident = mods["encoders.identity"]
-    path = ident.save_identity(ident.encode_identity(analyzer, [photo()], clip_vision=tiny_clip, cache=None),
+    ident = mods["identity"]
+    path = ident.files.save_identity(ident.multishot.encode_identity(analyzer, [photo()], clip_vision=tiny_clip, cache=None),
                                tmp_path / "new.safetensors")
     with safe_open(str(path), framework="numpy") as handle:
         metadata = {**handle.metadata(), "format_version": "1"}
     tensors = load_file(str(path))
     del tensors["unconditional_clip_features"]
     save_file(tensors, str(tmp_path / "old.safetensors"), metadata=metadata)
-    with pytest.raises(ident.IdentityError, match="encode the photos again"):
-        ident.load_identity(tmp_path / "old.safetensors")
+    with pytest.raises(ident.value.IdentityError, match="encode the photos again"):
+        ident.files.load_identity(tmp_path / "old.safetensors")
 
 
 def test_mixing_needs_one_clip_model(mods, analyzer, tiny_clip, tmp_path):
-    ident = mods["encoders.identity"]
+    ident = mods["identity"]
     other = clip_models.tiny_clip_vision(tmp_path, seed=1)
-    a = ident.encode_identity(analyzer, [photo()], clip_vision=tiny_clip, cache=None)
-    b = ident.encode_identity(analyzer, [photo(((4, 9, "white"),))], clip_vision=other, cache=None)
-    with pytest.raises(ident.IdentityError, match="different CLIP vision models"):
-        ident.mix_identities([(a, 0.5), (b, 0.5)])
-    with pytest.raises(ident.IdentityError, match="another CLIP vision model"):
-        ident.encode_identity(analyzer, [photo(((4, 9, "white"),))], base=a, clip_vision=other, cache=None)
+    a = ident.multishot.encode_identity(analyzer, [photo()], clip_vision=tiny_clip, cache=None)
+    b = ident.multishot.encode_identity(analyzer, [photo(((4, 9, "white"),))], clip_vision=other, cache=None)
+    with pytest.raises(ident.value.IdentityError, match="different CLIP vision models"):
+        ident.mixing.mix_identities([(a, 0.5), (b, 0.5)])
+    with pytest.raises(ident.value.IdentityError, match="another CLIP vision model"):
+        ident.multishot.encode_identity(analyzer, [photo(((4, 9, "white"),))], base=a, clip_vision=other, cache=None)
 
 
 def test_person_tokens_use_zero_image_features_or_the_negative_identity(mods, analyzer, tiny_clip, tmp_path):
     patch, proj = mods["attention.patch"], mods["attention.projection"]
     adapter = load_adapter(mods, tmp_path, "faceid-plus-v2", clip_hidden=WIDTH)
     module = proj.projection_for(adapter)
-    ident = mods["encoders.identity"]
-    person = ident.encode_identity(analyzer, [photo()], clip_vision=tiny_clip, cache=None)
-    other = ident.encode_identity(analyzer, [photo(((8, 5, "green"),))], clip_vision=tiny_clip, cache=None)
+    ident = mods["identity"]
+    person = ident.multishot.encode_identity(analyzer, [photo()], clip_vision=tiny_clip, cache=None)
+    other = ident.multishot.encode_identity(analyzer, [photo(((8, 5, "green"),))], clip_vision=tiny_clip, cache=None)
 
     cond, uncond = patch._person_tokens(adapter, module, patch.Person(person))
     zero = torch.from_numpy(np.array(person.unconditional_clip_features))[None]
@@ -120,7 +116,7 @@ def test_person_tokens_use_zero_image_features_or_the_negative_identity(mods, an
     clip = torch.from_numpy(np.array(other.combined_clip_features))[None]
     torch.testing.assert_close(negative, proj.identity_tokens(adapter, emb, clip, module=module))
 
-    plain = ident.encode_identity(analyzer, [photo()], cache=None)
+    plain = ident.multishot.encode_identity(analyzer, [photo()], cache=None)
     with pytest.raises(mods["attention.adapters"].AdapterError, match="the negative identity has none"):
         patch._person_tokens(adapter, module, patch.Person(person, negative=plain))
 

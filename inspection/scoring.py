@@ -31,7 +31,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from .faces import (
+from ..encoders.faces import (
     DetectedFace,
     FaceAnalyzer,
     FaceError,

@@ -17,8 +17,9 @@ from typing import Sequence
 
 import numpy as np
 
-from .faces import FaceAnalyzer, FaceError, detect_faces, images_list, to_bgr_uint8
-from .faces import to_rgb_uint8 as _rgb_uint8
+from ..encoders.faces import FACE_ORDERS, FaceAnalyzer, FaceError, detect_faces, face_order, images_list, to_bgr_uint8
+from ..encoders.faces import to_rgb_uint8 as _rgb_uint8
+from ..encoders.regions import RegionError, Regions, image_size
 
 # Distinct colours (RGB), after Sasha Trubetskoy's list; cycled beyond twelve persons.
 PALETTE = (
@@ -27,36 +28,11 @@ PALETTE = (
 )
 UNMATCHED = (150, 150, 150)
 BANNER = (20, 20, 20)
-# How faces are numbered: "left-to-right" is Encode Identity's `index` (box centres left to right);
-# "largest" puts first the face Encode Identity's face = largest picks (by box area, then score).
-ORDERS = ("left-to-right", "largest")
 DEFAULT_OPACITY = 0.4
 
 
 def person_colour(index: int) -> tuple[int, int, int]:
     return PALETTE[index % len(PALETTE)]
-
-
-def face_order(bboxes, order: str = "left-to-right") -> list[int]:
-    """Face rows in display order. `bboxes`: (n, 4) x1 y1 x2 y2, or (n, 5) with the score.
-
-    Left to right uses the key of encoders.faces.detect_and_embed (box centre x, then top y), so
-    number k here is the face Encode Identity takes with face = index, index = k.
-    """
-    if order not in ORDERS:
-        raise FaceError(f"order must be one of {', '.join(ORDERS)}, not {order!r}")
-    boxes = np.asarray(bboxes, np.float64)
-    if boxes.size == 0:
-        return []
-    if boxes.ndim != 2 or boxes.shape[1] < 4:
-        raise FaceError(f"expected face boxes (n, 4) or (n, 5), got shape {boxes.shape}")
-    n = len(boxes)
-    if order == "left-to-right":
-        centres = (boxes[:, 0] + boxes[:, 2]) / 2
-        return sorted(range(n), key=lambda i: (centres[i], boxes[i, 1]))
-    areas = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
-    scores = boxes[:, 4] if boxes.shape[1] > 4 else np.zeros(n)
-    return sorted(range(n), key=lambda i: (-areas[i], -scores[i]))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -257,8 +233,8 @@ def preview_batch(analyzer: FaceAnalyzer, images, order: str = "left-to-right", 
                   opacity: float = DEFAULT_OPACITY, progress=None) -> np.ndarray:
     """draw_preview for every image of a batch, faces from the analyzer (with its retries at smaller
     detection sizes, as Encode Identity sees them). Every region mask is drawn on every image."""
-    if order not in ORDERS:
-        raise FaceError(f"order must be one of {', '.join(ORDERS)}, not {order!r}")
+    if order not in FACE_ORDERS:
+        raise FaceError(f"order must be one of {', '.join(FACE_ORDERS)}, not {order!r}")
     if not 0.0 <= float(opacity) <= 1.0:
         raise FaceError(f"mask opacity must be between 0 and 1, not {opacity}")
     photos = images_list(images)
@@ -278,7 +254,7 @@ def preview_batch(analyzer: FaceAnalyzer, images, order: str = "left-to-right", 
 # ------------------------------------------------------------------------------------------------
 def draw_scores(image, score, names: Sequence[str], threshold: float,
                 colours: Sequence[int] | None = None) -> np.ndarray:
-    """One image annotated with an encoders.scoring.ImageScore: each matched face boxed in its
+    """One image annotated with an inspection.scoring.ImageScore: each matched face boxed in its
     identity's colour with the identity's name and similarity ("low" below the threshold),
     unmatched faces in grey, identities not found listed at the top left. `colours[r]`: the
     person_colour index of reference r (default r)."""
@@ -312,9 +288,42 @@ def draw_scores(image, score, names: Sequence[str], threshold: float,
 
 
 def draw_score_batch(images, result, colours: Sequence[int] | None = None) -> np.ndarray:
-    """draw_scores for every image of the batch scored in `result` (an encoders.scoring.ScoreResult)."""
+    """draw_scores for every image of the batch scored in `result` (an inspection.scoring.ScoreResult)."""
     photos = images_list(images)
     if len(photos) != len(result.images):
         raise FaceError(f"{len(photos)} image(s) but {len(result.images)} scored")
     return np.stack([draw_scores(photo, score, result.names, result.threshold, colours)
                      for photo, score in zip(photos, result.images)])
+
+
+SPLIT_CANVAS_GREY = 128  # the regions preview's background when a split has no image
+
+
+# ------------------------------------------------------------------------------------------------
+# Regions (FaceStudio Regions' preview)
+# ------------------------------------------------------------------------------------------------
+def draw_regions(regions: Regions, image=None, opacity: float = DEFAULT_OPACITY) -> np.ndarray:
+    """float32 RGB [H, W, 3]: mask i tinted in person_colour(i) and labelled "mask i" over the image
+    (a grey canvas without one); in face modes each taken face boxed in its person's colour and
+    labelled "face i", faces left out boxed in grey and labelled "not used"."""
+    masks, faces, unused = np.asarray(regions.masks, np.float32), regions.faces, regions.unused
+    height, width = masks.shape[1:]
+    if image is None:
+        before = np.full((height, width, 3), SPLIT_CANVAS_GREY, np.uint8)
+    else:
+        image_h, image_w = image_size(image)
+        if (image_h, image_w) != (height, width):
+            raise RegionError(f"the preview image is {image_w}x{image_h} but the masks are {width}x{height}")
+        before = to_rgb_uint8(image)
+    canvas = before.copy()
+    style = style_for(height, width)
+    tint_masks(canvas, masks, opacity, style)
+    rows = [] if faces is None else [(row, person_colour(i), f"face {i}") for i, row in enumerate(faces)]
+    rows += [] if unused is None else [(row, UNMATCHED, "not used") for row in unused]
+    for row, colour, _ in rows:
+        draw_box(canvas, row, colour, style)
+    for row, colour, text in rows:
+        draw_label(canvas, text, row[0], row[1], colour, style)
+    if image is None:
+        return canvas.astype(np.float32) / 255.0
+    return np.ascontiguousarray(merge_drawing(image, before, canvas)[:, :, :3])
