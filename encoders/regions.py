@@ -39,7 +39,8 @@ Host-free (numpy, OpenCV). Three sources:
   spans [floor(i L / N), floor((i + 1) L / N)).
 
 Face modes also say what they did in Regions.report() (the node's report output); `notes` are the
-warnings among it (segments dropped or split, faces not used).
+warnings among it (segments dropped or split, faces not used). `region_mask` takes one person's mask
+of such a batch (FaceStudio Region Mask), the one FaceStudio Person's `mask_index` picks.
 
 Ties (a pixel exactly as near to two faces) go to the face with the lower number (further left).
 
@@ -506,6 +507,35 @@ def segment_regions(analyzer: FaceAnalyzer, image, count: int, segments=None, bo
     labels = person[by_slot]  # BACKGROUND (-1) picks the last entry: BACKGROUND
     return Regions(labels_to_masks(labels, count, feather, feather_shape), labels, SEGMENTS, bboxes[held[chosen]],
                    unused, tuple(notes), tuple(", ".join(o) for o in sources))
+
+
+
+# ------------------------------------------------------------------------------------------------
+# One person's mask
+# ------------------------------------------------------------------------------------------------
+def region_mask(masks, index: int):
+    """Mask `index` of a MASK batch as a batch of one, [1, H, W]: what FaceStudio Person's
+    `mask_index` picks from the same batch (a single mask [H, W] counts as a batch of one), for a
+    per-person prompt (ConditioningSetMask) or any other node that takes one mask. A copy of the
+    input's type and dtype (torch tensor or numpy array), so nothing downstream can change the batch.
+    An index outside the batch is a RegionError saying how many masks there are."""
+    shape = tuple(getattr(masks, "shape", np.shape(masks)))
+    if len(shape) == 2:
+        masks, shape = masks[None], (1,) + shape
+    if len(shape) != 3:
+        raise RegionError(f"expected a MASK batch [N, H, W] (one mask per person, e.g. FaceStudio Regions' "
+                          f"masks), got shape {shape}")
+    count = shape[0]
+    if not count:
+        raise RegionError(f"the mask batch is empty (0 masks of {shape[2]}x{shape[1]}), so it has no mask "
+                          f"{index}: check the node that makes it (FaceStudio Regions' report, or your segmenter).")
+    if int(index) != index or not 0 <= index < count:
+        raise RegionError(f"index {index} is out of range: the mask batch has {count} mask"
+                          f"{'s' if count != 1 else ''} (index {'0' if count == 1 else f'0 to {count - 1}'}). "
+                          f"Set index to one of those, or make more masks (FaceStudio Regions' count).")
+    index = int(index)
+    picked = masks[index:index + 1]
+    return picked.clone() if hasattr(picked, "clone") else np.array(picked, copy=True)
 
 
 def _faces(n: int) -> str:

@@ -4,7 +4,7 @@ from .apply import FaceStudioApply, FaceStudioPerson
 from .face_analyzer import FaceStudioFaceAnalyzerLoader
 from .identity import FaceStudioIdentityEncode, FaceStudioIdentityLoad, FaceStudioIdentityMix, FaceStudioIdentitySave
 from .preview import FaceStudioFacePreview
-from .regions import FaceStudioRegions
+from .regions import FaceStudioRegionMask, FaceStudioRegions
 from .scoring import FaceStudioIdentityScore
 from .style import FaceStudioStyleEncode
 
@@ -20,5 +20,6 @@ NODE_LIST = [
     FaceStudioApply,
     FaceStudioFacePreview,
     FaceStudioRegions,
+    FaceStudioRegionMask,
     FaceStudioIdentityScore,
 ]

@@ -3,11 +3,16 @@ import os
 
 from comfy_api.latest import io
 
+from ..encoders.faces import images_list
 from ..encoders.identity_files import load_identity, save_identity
 from ..encoders.identity_folder import IDENTITY_SUBFOLDER, identity_file_names, new_identity_path, resolve_identity_file
 from ..encoders.mixing import mix_identities
 from ..encoders.multishot import DEFAULT_OUTLIER_THRESHOLD, ON_MISSING, encode_identity
 from .types import FaceStudioFaceAnalyzer, FaceStudioIdentity
+
+
+# Encode Identity's optional photo inputs beside `image`, in shot order.
+MORE_IMAGES = ("image_2", "image_3", "image_4")
 
 
 def identities_folder() -> str:
@@ -24,11 +29,13 @@ class FaceStudioIdentityEncode(io.ComfyNode):
             display_name="FaceStudio Encode Identity",
             category="FaceStudio/identity",
             description="Detects, aligns and embeds one face per photo and combines the shots into one identity; "
-                        "shots that do not look like the others are dropped and reported.",
+                        "shots that do not look like the others are dropped and reported. Photos of different "
+                        "sizes go on image, image_2, ... (no Image Batch needed).",
             inputs=[
                 FaceStudioFaceAnalyzer.Input("face_analyzer", tooltip="From FaceStudio Load Face Analyzer."),
                 io.Image.Input("image", tooltip="One or more photos of the same person (a batch: one shot per image). "
-                                                "For photos of different sizes, chain several Encode nodes."),
+                                                "More photos, each at its own size: image_2 to "
+                                                f"{MORE_IMAGES[-1]}."),
                 io.Combo.Input("face", options=["largest", "index"], default="largest",
                                tooltip="Which face of each photo: the largest, or the one numbered 'index' "
                                        "from left to right."),
@@ -47,6 +54,13 @@ class FaceStudioIdentityEncode(io.ComfyNode):
                                             "FaceID Plus / Plus v2 adapters, which also take CLIP features of the "
                                             "aligned face crop. Needed again when adding shots to an identity "
                                             "that has them."),
+                # Sockets only, after every existing input: saved workflows keep their inputs and widget values.
+                *(io.Image.Input(name, optional=True,
+                                 tooltip=f"Optional: more photos of the same person (one or a batch), at any size: "
+                                         f"each photo keeps its own, nothing is resized. Shots are numbered in "
+                                         f"input order (image, then image_2, ...). For more than "
+                                         f"{len(MORE_IMAGES) + 1} inputs, chain Encode nodes through 'identity'.")
+                  for name in MORE_IMAGES),
             ],
             outputs=[
                 FaceStudioIdentity.Output(display_name="identity", tooltip="The person's identity."),
@@ -56,11 +70,14 @@ class FaceStudioIdentityEncode(io.ComfyNode):
 
     @classmethod
     def execute(cls, face_analyzer, image, face: str, index: int, on_missing: str, outlier_threshold: float,
-                identity=None, clip_vision=None) -> io.NodeOutput:
+                identity=None, clip_vision=None, image_2=None, image_3=None, image_4=None) -> io.NodeOutput:
         import comfy.utils
 
-        bar = comfy.utils.ProgressBar(int(image.shape[0]))
-        result = encode_identity(face_analyzer, image, select=face, index=index, on_missing=on_missing,
+        # One list of single photos, each at its own size (encode_identity takes such a list).
+        photos = [photo for batch in (image, image_2, image_3, image_4) if batch is not None
+                  for photo in images_list(batch)]
+        bar = comfy.utils.ProgressBar(len(photos))
+        result = encode_identity(face_analyzer, photos, select=face, index=index, on_missing=on_missing,
                                  outlier_threshold=outlier_threshold, base=identity,
                                  progress=lambda done, total: bar.update_absolute(done, total),
                                  clip_vision=clip_vision)

@@ -1,11 +1,13 @@
-"""FaceStudio Regions: one region mask per person, from a layout image's faces, segment masks or a split."""
+"""FaceStudio Regions: one region mask per person, from a layout image's faces, segment masks or a split;
+FaceStudio Region Mask: one person's mask of such a batch, for a per-person prompt."""
 import dataclasses
 import logging
 
 from comfy_api.latest import io, ui
 
 from ..encoders.regions import (FACE_MODES, FEATHER_SHAPES, GROW_DOWN, GROW_UP, GROW_WIDTH, MODES, SEGMENTS,
-                                GrowShape, RegionError, face_regions, segment_regions, split_regions)
+                                GrowShape, RegionError, face_regions, region_mask, segment_regions,
+                                split_regions)
 from ..inspection.drawing import draw_regions
 from .types import FaceStudioFaceAnalyzer
 
@@ -140,3 +142,32 @@ class FaceStudioRegions(io.ComfyNode):
         layout = None if image is None else image[0] if image.ndim == 4 else image
         preview = torch.from_numpy(draw_regions(regions, layout))[None]
         return io.NodeOutput(torch.from_numpy(regions.masks), preview, report, ui=ui.PreviewImage(preview, cls=cls))
+
+
+class FaceStudioRegionMask(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="FaceStudioRegionMask",
+            display_name="FaceStudio Region Mask",
+            category="FaceStudio/faces",
+            description="One person's region: mask i of a MASK batch (FaceStudio Regions' masks), the mask "
+                        "FaceStudio Person's mask_index i picks, as a single MASK for a per-person prompt "
+                        "(ConditioningSetMask) or any node that takes one mask.",
+            inputs=[
+                io.Mask.Input("masks", tooltip="A MASK batch, one mask per person: FaceStudio Regions' masks "
+                                               "(or a segmenter's)."),
+                io.Int.Input("index", default=0, min=0, max=63,
+                             tooltip="Which mask of the batch: the person's number, as FaceStudio Person's "
+                                     "mask_index counts it (0 = the first; in Regions' face modes, the "
+                                     "leftmost person)."),
+            ],
+            outputs=[
+                io.Mask.Output(display_name="mask", tooltip="Mask index of the batch, one mask [1, H, W] at "
+                                                            "the batch's size, values unchanged."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, masks, index: int) -> io.NodeOutput:
+        return io.NodeOutput(region_mask(masks, index))

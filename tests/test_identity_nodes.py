@@ -28,12 +28,14 @@ def installed_pack(comfy_host, booted):
 
 @pytest.fixture(scope="module")
 def photos(booted):
-    """PNG files in the host's input folder: two shots of one tiny 'face' (different sizes), a faceless one."""
+    """PNG files in the host's input folder: three shots of one tiny 'face' (three sizes), another face, a
+    faceless photo."""
     folder = booted.base / "input"
     folder.mkdir(exist_ok=True)
     images = {
         "fs_a.png": fm.tiny_face_image(),
         "fs_b.png": np.ascontiguousarray(fm.tiny_face_image(((3, 9, "white"),))[:480]),  # 640x480
+        "fs_c.png": np.ascontiguousarray(fm.tiny_face_image(((4, 7, "white"),))[:, :544]),  # 544x640
         "fs_other.png": fm.tiny_face_image(((6, 6, "green"),)),
         "fs_black.png": np.zeros((64, 64, 3), np.uint8),
     }
@@ -193,11 +195,42 @@ def test_batch_is_several_shots_with_a_progress_bar(comfy_host, installed_pack, 
 
 
 @pytest.mark.smoke
+def test_photos_of_different_sizes_into_one_encode_node(comfy_host, installed_pack, photos, booted):
+    """image, image_2 and image_3 of one Encode Identity (640x640, 640x480, 544x640: no Image Batch, no
+    resizing) give exactly the identity encode_identity makes of the three photos as a list, in that order."""
+    import comfy.utils
+
+    ident = identity_modules(booted)
+    names = ("fs_a.png", "fs_b.png", "fs_c.png")
+    assert len({photos[n].shape for n in names}) == 3
+    encode = encode_node("2", on_missing="error")
+    encode["inputs"].update(image_2=["3", 0], image_3=["4", 0], outlier_threshold=-1.0)
+    prompt = {"1": analyzer_node(installed_pack), "2": load_image(names[0]), "3": load_image(names[1]),
+              "4": load_image(names[2]), "5": encode, "6": preview(["5", 1])}
+    calls = []
+    previous = comfy.utils.PROGRESS_BAR_HOOK
+    comfy.utils.set_progress_bar_global_hook(lambda value, total, preview, node_id=None: calls.append((value, total)))
+    try:
+        result = comfy_host.run(prompt)
+    finally:
+        comfy.utils.set_progress_bar_global_hook(previous)
+    assert result.success, result.error
+    identity = comfy_host.output(result, "5")
+    direct = ident.multishot.encode_identity(comfy_host.output(result, "1"), [photos[n] for n in names],
+                                             outlier_threshold=-1.0, cache=None)
+    assert identity.used == direct.used == (0, 1, 2) and identity.photo_count == 3
+    for field in ("embedding", "embeddings", "bboxes", "crops", "det_scores"):  # bboxes: each photo's own pixels
+        np.testing.assert_array_equal(getattr(identity, field), getattr(direct, field), err_msg=field)
+    assert "3 shot(s) used of 3 photo(s)" in comfy_host.output(result, "5", 1)
+    assert calls[0] == (1, 3) and calls[-1] == (3, 3)  # the bar counts all three (the host throttles between)
+
+
+@pytest.mark.smoke
 def test_encode_with_clip_vision_through_the_executor(comfy_host, installed_pack, photos, booted):
     """Encode Identity fed by the host's CLIPVisionLoader (a seeded random ViT-L file, see clip_models)."""
     import comfy.clip_vision
 
-    ident = booted.pack_module("encoders.identity")
+    ident = identity_modules(booted)
     name = clip_models.install_vitl(booted.models)
     encode = encode_node("2")
     encode["inputs"]["clip_vision"] = ["3", 0]

@@ -384,11 +384,13 @@ def sampling(comfy_host, booted, tiny_sd15, packs):
     folder_paths.filename_list_cache.pop("ipadapter", None)
 
 
+def region_mask_node(masks: list, index: int) -> dict:
+    return {"class_type": "FaceStudioRegionMask", "inputs": {"masks": masks, "index": index}}
+
+
 def one_mask(g: graphs.Graph, masks: list, index: int) -> list:
-    """Mask `index` of a MASK batch with the host's own nodes (MaskToImage -> ImageFromBatch -> ImageToMask)."""
-    image = g.add("MaskToImage", {"mask": masks})
-    picked = g.add("ImageFromBatch", {"image": [image, 0], "batch_index": index, "length": 1})
-    return [g.add("ImageToMask", {"image": [picked, 0], "channel": "red"}), 0]
+    """Mask `index` of a MASK batch (FaceStudio Region Mask)."""
+    return [g.add(**region_mask_node(masks, index)), 0]
 
 
 def two_person_graph(checkpoint: str, masks_to_persons: bool, swap: bool = False) -> graphs.Graph:
@@ -447,6 +449,95 @@ def test_split_regions_route_two_persons_and_per_person_prompts(comfy_host, samp
     assert torch.isfinite(latents["masked"]).all()
     assert (latents["masked"] - latents["unmasked"]).abs().max() > 1e-3
     assert (latents["masked"] - latents["swapped"]).abs().max() > 1e-3
+
+
+# ---- one person's mask: FaceStudio Region Mask ----
+def test_region_mask_is_mask_i_as_a_batch_of_one_copied(regions):
+    batch = torch.rand(3, 5, 7, generator=torch.Generator().manual_seed(0))
+    for i in range(3):
+        picked = regions.region_mask(batch, i)
+        assert picked.shape == (1, 5, 7) and picked.dtype == torch.float32
+        assert torch.equal(picked, batch[i:i + 1])
+    regions.region_mask(batch, 1).fill_(2.0)  # a copy: the batch is never changed through it
+    assert batch.max() < 1.0
+    single = batch[2].numpy()  # one mask [H, W] is a batch of one, numpy stays numpy
+    assert np.array_equal(regions.region_mask(single, 0), single[None])
+    assert isinstance(regions.region_mask(single, 0), np.ndarray)
+
+
+def test_region_mask_out_of_range_says_how_many_masks_there_are(regions):
+    batch = torch.zeros(2, 4, 4)
+    for index in (2, 5, -1):
+        with pytest.raises(regions.RegionError, match=rf"index {index} is out of range: the mask batch has 2 masks "
+                                                      r"\(index 0 to 1\)"):
+            regions.region_mask(batch, index)
+    with pytest.raises(regions.RegionError, match=r"has 1 mask \(index 0\)"):
+        regions.region_mask(batch[0], 1)
+    with pytest.raises(regions.RegionError, match=r"the mask batch is empty \(0 masks of 4x4\)"):
+        regions.region_mask(torch.zeros(0, 4, 4), 0)
+    with pytest.raises(regions.RegionError, match=r"expected a MASK batch \[N, H, W\]"):
+        regions.region_mask(torch.zeros(1, 2, 4, 4), 0)
+
+
+def test_region_mask_schema(comfy_host):
+    import nodes
+
+    info = nodes.NODE_CLASS_MAPPINGS["FaceStudioRegionMask"].GET_NODE_INFO_V1()
+    assert info["category"] == "FaceStudio/faces" and info["output"] == ["MASK"] and info["output_name"] == ["mask"]
+    assert info["input_order"] == {"required": ["masks", "index"]}
+    masks, index = info["input"]["required"]["masks"], info["input"]["required"]["index"]
+    assert masks[0] == "MASK" and index[0] == "INT"
+    person = nodes.NODE_CLASS_MAPPINGS["FaceStudioPerson"].GET_NODE_INFO_V1()["input"]
+    person = {**person["required"], **person.get("optional", {})}["mask_index"][1]
+    assert {k: index[1][k] for k in ("default", "min", "max")} == {k: person[k] for k in ("default", "min", "max")}
+    assert all(spec[1].get("tooltip") for spec in info["input"]["required"].values()) and info["output_tooltips"][0]
+
+
+def test_region_mask_node_gives_what_person_mask_index_picks(comfy_host, packs, fixed_segments, booted):
+    """In the executor: Region Mask (index i) is exactly mask i of the batch, and a Person fed by it gets
+    the same mask, bit for bit, as a Person fed the whole batch with mask_index i."""
+    fp.save_inputs(booted.base / "input", {"fs_region_mask.png": fm.tiny_face_image()})
+    _, tiny_pack = packs
+    # Soft values, not only 0 and 1: any change of a value (a float round trip) would show.
+    masks = torch.rand(3, 24, 40, generator=torch.Generator().manual_seed(3))
+    original = masks.clone()
+    fixed_segments["region mask"] = (masks, [[]])
+    prompt = {"1": fp.analyzer_node(tiny_pack), "2": fp.load_image("fs_region_mask.png"),
+              "3": {"class_type": "FaceStudioIdentityEncode",
+                    "inputs": {"face_analyzer": ["1", 0], "image": ["2", 0], "face": "largest", "index": 0,
+                               "on_missing": "error", "outlier_threshold": 0.4}},
+              "4": {"class_type": "FSTestFixedSegments", "inputs": {"key": "region mask"}}}
+
+    def person(mask: list, mask_index: int) -> dict:
+        return {"class_type": "FaceStudioPerson", "inputs": {"identity": ["3", 0], "weight": 1.0, "start": 0.0,
+                                                             "end": 1.0, "mask": mask, "mask_index": mask_index}}
+
+    for i in range(3):  # node i1: Region Mask i; i2: a Person fed by it; i3: a Person fed the batch, mask_index i
+        prompt[f"{i}1"] = region_mask_node(["4", 0], i)
+        prompt[f"{i}2"] = person([f"{i}1", 0], 0)
+        prompt[f"{i}3"] = person(["4", 0], i)
+        for k in (2, 3):
+            prompt[f"{i}{k}9"] = {"class_type": "PreviewAny", "inputs": {"source": [f"{i}{k}", 0]}}
+    result = comfy_host.run(prompt)
+    assert result.success, result.error
+    for i in range(3):
+        picked = comfy_host.output(result, f"{i}1")
+        assert picked.dtype == torch.float32 and picked.shape == (1, 24, 40)
+        assert torch.equal(picked, masks[i:i + 1]), i
+        (by_node,), (by_index,) = comfy_host.output(result, f"{i}2"), comfy_host.output(result, f"{i}3")
+        assert by_node.mask.dtype == by_index.mask.dtype and torch.equal(by_node.mask, by_index.mask), i
+    assert torch.equal(masks, original)  # the batch is untouched
+
+
+def test_region_mask_node_out_of_range_is_a_clear_error(comfy_host, fixed_segments):
+    fixed_segments["two masks"] = (torch.ones(2, 8, 8), [[]])
+    prompt = {"1": {"class_type": "FSTestFixedSegments", "inputs": {"key": "two masks"}},
+              "2": region_mask_node(["1", 0], 2),
+              "3": {"class_type": "PreviewAny", "inputs": {"source": ["2", 0]}}}
+    result = comfy_host.run(prompt)
+    assert not result.success and result.error_node == "2"
+    assert ("index 2 is out of range: the mask batch has 2 masks (index 0 to 1). Set index to one of those, or "
+            "make more masks (FaceStudio Regions' count).") in result.error
 
 
 # ------------------------------------------------------------------------------------------------
