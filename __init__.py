@@ -7,6 +7,7 @@ Only relative imports inside the pack: its `nodes/` must never shadow the host's
 from comfy_api.latest import ComfyExtension, io
 
 from .nodes import NODE_LIST
+from .startup.example_photos import copy_example_photos
 from .startup.model_folders import register_model_folders
 
 
@@ -22,4 +23,5 @@ class FaceStudioExtension(ComfyExtension):
 
 async def comfy_entrypoint() -> FaceStudioExtension:
     register_model_folders()  # for hosts that never call on_load
+    copy_example_photos()  # into the host's input folder (LoadImage lists only its top level); never fails
     return FaceStudioExtension()

@@ -228,8 +228,8 @@ def installed(comfy_server, tiny_sd15_file):
         wd.LAYOUT: _photo(((8, 4, "white"), (8, 14, "white"))), wd.SCENE: scene,
         wd.STYLE_IMAGE: noise, wd.POSE: hint,
     }
-    for file_name, rgb in pictures.items():
-        Image.fromarray(rgb).save(inputs / file_name)
+    for file_name, rgb in pictures.items():  # over the example photos: the tiny face pack finds these faces
+        Image.fromarray(rgb).save(inputs / file_name, format="PNG")  # lossless, whatever the name's suffix
     return comfy_server
 
 

@@ -32,13 +32,14 @@ SDXL_CHECKPOINT = "sd_xl_base_1.0.safetensors"
 FACEID_PLUS_V2_SDXL = "ip-adapter-faceid-plusv2_sdxl.bin"
 FACEID_PLUS_V2_SDXL_LORA = "ip-adapter-faceid-plusv2_sdxl_lora.safetensors"  # found by Apply in models/loras
 SAM3_CHECKPOINT = "sam3.1_multiplex_fp16.safetensors"  # Comfy-Org/sam3.1, as the host's SAM3 blueprints load it
-# Pictures the workflows load from ComfyUI's input folder (the user picks their own).
-PHOTO, PHOTO_2, PHOTO_3 = "person.png", "person_2.png", "person_3.png"
-OTHER_PHOTO = "other_person.png"
-LAYOUT = "two_people_layout.png"
-STYLE_IMAGE = "style.png"
-POSE = "pose.png"
-SCENE = "scene.png"
+# Pictures the workflows load from ComfyUI's input folder: the pack's example_photos/, which it copies
+# there when the host loads it (startup/example_photos.py); the user picks their own.
+PHOTO, PHOTO_2, PHOTO_3 = "facestudio_person.jpg", "facestudio_person_2.jpg", "facestudio_person_3.jpg"
+OTHER_PHOTO = "facestudio_other_person.jpg"
+LAYOUT = "facestudio_two_people_layout.jpg"
+STYLE_IMAGE = "facestudio_style.jpg"
+POSE = "facestudio_pose.png"
+SCENE = "facestudio_scene.jpg"
 
 # Display-only widgets: frontend 1.27 queues Preview Any's text box (empty) with the prompt, 1.48 does
 # not, and the host ignores it either way; prompt comparisons leave them out.
