@@ -8,7 +8,8 @@
 # FACESTUDIO_TORCH (the torch requirement, default torch==2.13.0),
 # FACESTUDIO_HOST_PIN (the pin file, default scripts/comfyui.pin) and FACESTUDIO_HOST_DIR: when
 # set, the host is always a clone of that pin in that folder (COMFYUI_PATH and an enclosing
-# ComfyUI are not used); scripts/test-oldest-host.sh sets all three for the oldest supported host.
+# ComfyUI are not used); scripts/test-host.sh sets all three for another supported host, and
+# FACESTUDIO_SEED_VENV (a venv whose packages a new venv starts from, see seed_venv).
 set -euo pipefail
 
 FACESTUDIO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -104,10 +105,28 @@ pip_quiet() {
     "$FACESTUDIO_PY" -m pip "$@" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
 }
 
+# A new venv for another host (scripts/test-host.sh sets FACESTUDIO_SEED_VENV to the main one) starts as hard
+# links to the seed's installed packages: the pip runs below then only change what this host's
+# requirements pin differently, instead of unpacking torch and the rest again (about 3.5 minutes a
+# venv here). pip replaces a package by unlinking its files, so the seed's copies never change.
+seed_venv() {
+    local seed="${FACESTUDIO_SEED_VENV:-}" from to
+    [ -n "$seed" ] && [ -x "$seed/bin/python" ] || return 0
+    from="$("$seed/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
+    to="$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
+    [ "$(basename "$(dirname "$from")")" = "$(basename "$(dirname "$to")")" ] || return 0  # same python3.X
+    if cp -al --remove-destination "$from/." "$to/" 2>/dev/null; then
+        log "seeded $VENV with hard links to the packages of $seed"
+    else  # another file system: install everything instead
+        rm -rf "$VENV" && "$PYTHON" -m venv "$VENV"
+    fi
+}
+
 setup_venv() {
     if [ ! -x "$VENV/bin/python" ]; then
         log "creating virtual environment $VENV"
         "$PYTHON" -m venv "$VENV"
+        seed_venv
     fi
     FACESTUDIO_PY="$VENV/bin/python"
     local stamp_file="$VENV/.facestudio-setup" stamp

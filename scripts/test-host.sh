@@ -13,6 +13,7 @@ root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 export FACESTUDIO_HOST_PIN="$root/scripts/comfyui-$name.pin"
 export FACESTUDIO_HOST_DIR="$root/.comfyui/$name/ComfyUI"
 export FACESTUDIO_VENV="$root/.comfyui/$name/venv"
+export FACESTUDIO_SEED_VENV="${FACESTUDIO_SEED_VENV:-$root/.venv}"  # setup.sh: start from its packages
 [ -f "$FACESTUDIO_HOST_PIN" ] || { echo "no pin file $FACESTUDIO_HOST_PIN" >&2; exit 2; }
 host="ComfyUI $(sed -n 's/^version=//p' "$FACESTUDIO_HOST_PIN") ($(sed -n 's/^commit=//p' "$FACESTUDIO_HOST_PIN"))"
 
