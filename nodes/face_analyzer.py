@@ -5,6 +5,7 @@ from comfy_api.latest import io
 
 from ..encoders.faces import FaceModelError, load_face_analyzer
 from ..startup.model_folders import INSIGHTFACE
+from ..startup.model_sources import AFTER, source
 from .types import FaceStudioFaceAnalyzer
 
 # The provider choices shown, and what each asks encoders.faces.resolve_providers for.
@@ -28,21 +29,41 @@ def pack_names() -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def resolve_pack(name: str) -> str:
+def pack_problem(name: str) -> str | None:
+    """Why the model pack `name` cannot be loaded (not a folder name, or in no insightface folder: then
+    with where to download it); None when its folder is there (encoders.faces checks what is inside).
+    Checked at validation, so one queue reports it together with every other missing file."""
     folders = pack_folders()
     where = " or ".join(folders) or "models/insightface/models"
     if not name or name in (".", "..") or "/" in name or "\\" in name:
-        raise FaceModelError(f"'{name}' is not a model pack folder name: pick one of the folders in {where}.")
-    for folder in folders:
+        return (f"Not in the list of model packs: '{name}' is not a model pack folder name: pick one of the "
+                f"folders in {where}.")
+    if _pack_path(name) is not None:
+        return None
+    found = pack_names()
+    text = (f"No insightface model pack '{name}' (not in {where}; "
+            + (f"found: {', '.join(found)})." if found else "no pack found at all)."))
+    entry = source(name)
+    if entry is not None and entry.folder == INSIGHTFACE:
+        text += " " + entry.how_to_get()
+    else:
+        text += (f" Put a pack (e.g. buffalo_l, a folder of .onnx files: {source('buffalo_l').url}) in {where}.")
+    return f"{text} {AFTER}"
+
+
+def _pack_path(name: str) -> str | None:
+    for folder in pack_folders():
         candidate = os.path.join(folder, name)
         if os.path.isdir(candidate):
             return candidate
-    found = pack_names()
-    raise FaceModelError(
-        f"No insightface model pack '{name}' in {where}"
-        + (f" (found: {', '.join(found)})" if found else ": no pack found at all")
-        + f". Put a pack (e.g. buffalo_l or antelopev2, each a folder of .onnx files) in {where} and refresh."
-    )
+    return None
+
+
+def resolve_pack(name: str) -> str:
+    problem = pack_problem(name)
+    if problem is not None:
+        raise FaceModelError(problem)
+    return _pack_path(name)
 
 
 class FaceStudioFaceAnalyzerLoader(io.ComfyNode):
@@ -69,6 +90,12 @@ class FaceStudioFaceAnalyzerLoader(io.ComfyNode):
             outputs=[FaceStudioFaceAnalyzer.Output(display_name="face_analyzer",
                                                    tooltip="The loaded detector and recognizer.")],
         )
+
+    @classmethod
+    def validate_inputs(cls, pack: str) -> bool | str:
+        # Taking `pack` here makes the host skip its own combo check for it and use this instead, on every
+        # supported host: a missing pack is named at validation with every other missing file, not at run time.
+        return pack_problem(pack) or True
 
     @classmethod
     def execute(cls, pack: str, provider: str, det_size: int) -> io.NodeOutput:

@@ -4,7 +4,10 @@ The workflows are defined once, as API-format prompts with their groups and note
 tests/facestudio_testing/workflow_defs.py. This script starts the real ComfyUI server with the pack
 (as the tests do), loads each prompt into the host's own frontend in headless Chromium
 (app.loadApiJson), places nodes, groups and notes, and saves what the frontend serializes
-(app.graph.serialize()). tests/test_workflows.py checks the result. The pictures (workflows/*.jpg and
+(app.graph.serialize()), with each loader's model files (name, folder, download URL from
+startup/model_sources.py) in its node's properties.models and in the top-level models list, which
+the frontends' Missing Models panels read. tests/test_workflows.py and tests/test_missing_models.py
+check the result. The pictures (workflows/*.jpg and
 docs/) are screenshots taken by that test: make them afterwards with scripts/update_pictures.sh.
 
     bash scripts/setup.sh >/dev/null; .venv/bin/python scripts/make_workflows.py; bash scripts/update_pictures.sh
@@ -47,7 +50,8 @@ def main() -> int:
                 if changed:  # e.g. a value off an INT widget's step grid, or an input name the node lacks
                     raise RuntimeError(f"{name}: the frontend does not queue the definition:\n" + "\n".join(changed))
                 page.arrange(workflow.layout())
-                graph = page.serialize()
+                # The files it loads, with their folders and download URLs, for the Missing Models panels.
+                graph = workflow_defs.add_model_metadata(page.serialize(), workflow.prompt)
                 made[WORKFLOWS / f"{name}.json"] = (json.dumps(graph, indent=2) + "\n").encode()
                 print(f"made {name} ({len(graph['nodes'])} nodes)")
             if page.errors:

@@ -354,7 +354,7 @@ BAD_INPUTS = {
         "pick a file saved by FaceStudio Save Identity"), "identity file"),
     # names that do not exist
     "adapter name that does not exist": Bad(_loader_bad("fs_bad_no_such_adapter.safetensors"), (
-        "No adapter file 'fs_bad_no_such_adapter.safetensors' in the ipadapter model folders", "Put it there")),
+        "No adapter file 'fs_bad_no_such_adapter.safetensors' in models/ipadapter", "Put it there")),
     "face pack name that does not exist": Bad(_analyzer_bad("fs_bad_no_such_pack"), (
         "No insightface model pack 'fs_bad_no_such_pack'", fm.TINY_PACK, "Put a pack")),
     "identity file name that does not exist": Bad(_identity_bad("fs_bad/no_such_00001.safetensors"), (

@@ -103,6 +103,46 @@ class Frontend:
             self.page.keyboard.press("Escape")
             self.page.wait_for_timeout(200)
 
+    # --- missing models and the queue's errors ------------------------------------------------
+    def missing_models(self, timeout_ms: float = 15_000) -> list[tuple[str, str]]:
+        """(folder, file) of each entry of the frontend's Missing Models list for the workflow just
+        loaded; [] when it shows none within `timeout_ms`. 1.27: its Missing Models dialog, one
+        '<folder> / <file>' line each. 1.48: the Missing Models group of its Errors tab (opened from the
+        error overlay's 'View details'), a file line then a folder line each."""
+        try:
+            kind = self.page.wait_for_function(MISSING_MODELS_SHOWN_JS, timeout=timeout_ms).json_value()
+        except Exception as error:  # playwright's TimeoutError: nothing shown
+            if "Timeout" not in type(error).__name__:
+                raise
+            return []
+        if kind == "overlay":
+            self.page.evaluate(VIEW_DETAILS_JS)
+            try:
+                self.page.wait_for_selector(MISSING_MODEL_GROUP, timeout=timeout_ms)
+            except Exception as error:
+                if "Timeout" not in type(error).__name__:
+                    raise
+                return []  # an overlay for other errors (e.g. a missing picture) and no missing model
+        text = self.page.evaluate(MISSING_MODELS_TEXT_JS)
+        lines = [line.strip() for line in text.splitlines() if line.strip()]
+        if kind == "dialog":
+            return [tuple(part.strip() for part in line.split(" / ", 1)) for line in lines if " / " in line]
+        # 1.48: '<count>', 'Missing Models', a description, then file, folder[, 'Download'] per entry.
+        rows = [line for line in lines[3:] if line not in ("Download", "Download all")]
+        return [(folder, name) for name, folder in zip(rows[::2], rows[1::2])]
+
+    def queue(self) -> dict:
+        """Queues the loaded workflow as the Run button does (app.queuePrompt) and returns the server's
+        answer to that POST /prompt: {'prompt_id': ...}, or the refusal ({'error', 'node_errors'})."""
+        with self.page.expect_response(
+                lambda r: r.request.method == "POST" and r.url.split("?")[0].endswith("/prompt")) as answer:
+            self.page.evaluate("() => app.queuePrompt(0)")
+        return answer.value.json()
+
+    def shown_text(self) -> str:
+        """Everything the page shows as text (dialogs, panels, overlays), untruncated."""
+        return self.page.evaluate("() => document.body.innerText")
+
     # --- graphs -------------------------------------------------------------------------------
     def registered(self, class_types) -> list[str]:
         return self.page.evaluate("(types) => types.filter(t => LiteGraph.registered_node_types[t])",
@@ -154,6 +194,35 @@ class Frontend:
         """The canvas (with the DOM widgets drawn over it) as a JPEG."""
         self.page.locator("#graph-canvas").screenshot(path=str(path), type="jpeg", quality=quality)
 
+
+# Which Missing Models list the page shows: 1.27's dialog, or 1.48's error overlay (its Errors tab holds
+# the list); null while neither is there.
+MISSING_MODEL_GROUP = '[data-testid="error-group-missing-model"]'
+MISSING_MODELS_SHOWN_JS = r"""
+() => {
+  const shown = e => e.offsetParent !== null;
+  if ([...document.querySelectorAll('.p-dialog')].some(d => shown(d) && /models were not found/.test(d.innerText)))
+    return "dialog";
+  if ([...document.querySelectorAll('[data-testid="error-group-missing-model"]')].some(shown)) return "panel";
+  if ([...document.querySelectorAll('button')].some(b => shown(b) && b.innerText.trim() === 'View details'))
+    return "overlay";
+  return null;
+}
+"""
+VIEW_DETAILS_JS = r"""
+() => [...document.querySelectorAll('button')].find(b => b.offsetParent !== null
+                                                      && b.innerText.trim() === 'View details').click()
+"""
+MISSING_MODELS_TEXT_JS = r"""
+() => {
+  const shown = e => e.offsetParent !== null;
+  const dialog = [...document.querySelectorAll('.p-dialog')]
+    .find(d => shown(d) && /models were not found/.test(d.innerText));
+  if (dialog) return dialog.innerText;
+  const group = [...document.querySelectorAll('[data-testid="error-group-missing-model"]')].find(shown);
+  return group ? group.innerText : "";
+}
+"""
 
 ARRANGE_JS = r"""
 (layout) => {

@@ -165,11 +165,8 @@ def _apply(g: Graph, persons: list, lora_strength: float = 1.0, alpha: float = 0
 
 
 def _pick_mask(g: Graph, masks: list, index: int) -> list:
-    """Mask `index` of a MASK batch with the host's own nodes."""
-    g.add("MaskToImage", {"mask": masks}, f"mask{index}_image")
-    g.add("ImageFromBatch", {"image": g.link(f"mask{index}_image"), "batch_index": index, "length": 1},
-          f"mask{index}_pick")
-    g.add("ImageToMask", {"image": g.link(f"mask{index}_pick"), "channel": "red"}, f"mask{index}")
+    """Mask `index` of a MASK batch (FaceStudio Region Mask: what Person's mask_index `index` picks)."""
+    g.add("FaceStudioRegionMask", {"masks": masks, "index": index}, f"mask{index}")
     return g.link(f"mask{index}")
 
 
@@ -314,8 +311,8 @@ def _two_people_groups(place: str, sample_note: str, pick_note: str = "") -> lis
                                                   "identity1", "person1"],
               f"Person 0 gets mask_index 0 (left {place}), person 1 mask_index 1 (right)."),
         Group("4. Per-person prompts", COLORS["prompt"],
-              ["positive", "negative", "prompt0", "mask0_image", "mask0_pick", "mask0", "prompt0_region",
-               "combine0", "prompt1", "mask1_image", "mask1_pick", "mask1", "prompt1_region", "combine1"],
+              ["positive", "negative", "prompt0", "mask0", "prompt0_region", "combine0", "prompt1", "mask1",
+               "prompt1_region", "combine1"],
               f"The whole-image prompt plus each person's own prompt inside their {place} "
               f"(ConditioningSetMask).{pick_note}"),
         Group("5. Apply and sample", COLORS["sample"], ["apply", "latent", "sampler", "decode", "save"],
@@ -348,8 +345,8 @@ def two_people(number: int = 3, base: str = "SD1.5") -> Workflow:
                "every pixel to the nearest face; 'columns' needs no layout photo. Its preview shows whose "
                "region is where. The layout photo is any picture with the two people placed as you want "
                "them; its aspect ratio should match the latent's."),
-         *_two_people_groups("region", sample_note, " Mask i is taken from the Regions batch with MaskToImage "
-                                                    "-> ImageFromBatch (batch_index i) -> ImageToMask.")],
+         *_two_people_groups("region", sample_note, " FaceStudio Region Mask takes mask i of the Regions batch "
+                                                    "(index i, as Person's mask_index i).")],
         {**TWO_PEOPLE_TITLES, **titles},
         base,
     )
@@ -397,9 +394,8 @@ def multi_shot() -> Workflow:
     _face_models(g)
     for i, photo in enumerate((PHOTO, PHOTO_2, PHOTO_3)):
         g.add("LoadImage", {"image": photo}, f"shot{i}")
-    g.add("ImageBatch", {"image1": g.link("shot0"), "image2": g.link("shot1")}, "batch01")
-    g.add("ImageBatch", {"image1": g.link("batch01"), "image2": g.link("shot2")}, "batch")
-    identity = _encode(g, "identity", g.link("batch"))
+    identity = _encode(g, "identity", g.link("shot0"))
+    g.set("identity", image_2=g.link("shot1"), image_3=g.link("shot2"))  # each photo at its own size
     g.add("PreviewAny", {"source": g.link("identity", 1)}, "report")
     g.add("FaceStudioIdentitySave", {"identity": identity, "filename_prefix": "person"}, "save_identity")
     _apply(g, _person(g, "person", identity))
@@ -409,9 +405,10 @@ def multi_shot() -> Workflow:
         "report shows which shots were used and which were dropped as not matching the others.",
         g,
         [Group("1. Models", COLORS["models"], ["checkpoint", "adapter", "clip_vision", "analyzer"], MODELS_NOTE),
-         Group("2. Several photos", COLORS["faces"], ["shot0", "shot1", "shot2", "batch01", "batch"],
-               "Three photos of the same person, batched. Image Batch resizes the second image to the first's "
-               "size; for very different sizes chain Encode Identity nodes through their 'identity' input."),
+         Group("2. Several photos", COLORS["faces"], ["shot0", "shot1", "shot2"],
+               "Three photos of the same person, each at its own size, into Encode Identity's image, image_2 "
+               "and image_3 (image_4 takes a fourth; for more, chain Encode Identity nodes through their "
+               "'identity' input)."),
          Group("3. One identity", COLORS["faces"], ["identity", "report", "save_identity", "person"],
                "Encode Identity combines the shots (weighted by detection score); with 3+ shots, one whose "
                "similarity to the others is below outlier_threshold is dropped. The report (Preview Any) says "
@@ -543,6 +540,68 @@ def scoring() -> Workflow:
 WORKFLOWS = {w.name: w for w in (one_person(), stylized_portrait(), two_people(), multi_shot(), identity_mix(),
                                  controlnet_lora(), image_to_image(), scoring(),
                                  one_person(9, "SDXL"), two_people(10, "SDXL"), two_people_sam3())}
+
+# --- model metadata: what the frontends' Missing Models panels read -------------------------------
+# The loader inputs that name a model file, with the host folder each reads. Frontend 1.48 lists a
+# missing file from an unlinked combo whose value ends in a model extension, takes its folder from a
+# built-in table of core nodes and fills it (and the URL) from the node's `properties.models` or the
+# workflow's top-level `models`; 1.27 reads those lists themselves. An insightface pack is a folder,
+# not a file: no frontend lists it, so it gets no entry (its loader names it, with its URL, at validation).
+MODEL_INPUTS = {("CheckpointLoaderSimple", "ckpt_name"): "checkpoints",
+                ("CLIPVisionLoader", "clip_name"): "clip_vision",
+                ("FaceStudioAdapterLoader", "adapter_name"): "ipadapter",
+                ("ControlNetLoader", "control_net_name"): "controlnet", ("LoraLoader", "lora_name"): "loras",
+                ("FaceStudioFaceAnalyzerLoader", "pack"): "insightface"}
+
+
+def _model_sources():
+    """The pack's startup/model_sources.py, loaded from its file (it needs neither the host nor the pack)."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    name = "facestudio_model_sources"
+    if name not in sys.modules:
+        path = Path(__file__).resolve().parents[2] / "startup" / "model_sources.py"
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module  # dataclasses look their module up while the class is made
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+def models_of(prompt: dict) -> dict[str, list[dict]]:
+    """{node id: the `models` entries of the files that node loads} (name, url, directory)."""
+    sources = _model_sources()
+    out = {}
+    for node_id, node in prompt.items():
+        for (class_type, key), folder in MODEL_INPUTS.items():
+            if node["class_type"] != class_type or not isinstance(node["inputs"].get(key), str):
+                continue
+            entry = sources.source(node["inputs"][key])
+            if entry is None:
+                raise ValueError(f"node {node_id} ({class_type}) loads {node['inputs'][key]!r}, which "
+                                 "startup/model_sources.py has no source for: add it there")
+            if entry.folder != folder:
+                raise ValueError(f"{entry.name} goes in {entry.folder}, but {class_type}.{key} reads {folder}")
+            if not entry.is_pack:
+                out.setdefault(str(node_id), []).append(entry.metadata())
+    return out
+
+
+def add_model_metadata(graph: dict, prompt: dict) -> dict:
+    """Puts each loader's files in its node's `properties.models` and all of them, once each, in the
+    workflow's top-level `models` (ComfyUI's template format), in node order."""
+    per_node = models_of(prompt)
+    everything = []
+    for node in graph["nodes"]:
+        entries = per_node.get(str(node["id"]))
+        if entries:
+            node.setdefault("properties", {})["models"] = entries
+            everything += [e for e in entries if e not in everything]
+    graph["models"] = everything
+    return graph
+
 
 def api_view(prompt: dict) -> dict:
     """class_type and inputs of each node (the frontend adds `_meta` titles)."""
