@@ -50,6 +50,8 @@ _ARCFACE_WIDTH = 512
 class AdapterError(ValueError):
     """An adapter file that cannot be used, or one that does not fit a model; the message says how to fix it."""
 
+    __module__ = "FaceStudio"  # the type name the host's error dialog shows (see encoders/faces.py FaceError)
+
 
 class AdapterKind(str, enum.Enum):
     FACEID = "faceid"

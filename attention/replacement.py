@@ -72,6 +72,8 @@ def _host_attention(q, k, v, heads, extra_options):
 class PatchOrderError(RuntimeError):
     """Another pack tried to change FaceStudio's attention in place; the message says what order works."""
 
+    __module__ = "FaceStudio"  # the type name the host's error dialog shows (see encoders/faces.py FaceError)
+
 
 class FaceStudioAttention:
     """The attn2 replacement at one position: `patch(q, k, v, extra_options)` -> [B, Nq, H*d] before to_out.

@@ -19,6 +19,8 @@ _ZERO_IMAGE_CACHE: "weakref.WeakKeyDictionary[object, torch.Tensor]" = weakref.W
 class ClipVisionError(ValueError):
     """A CLIP vision model object this pack cannot use; the message says why."""
 
+    __module__ = "FaceStudio"  # the type name the host's error dialog shows (see encoders/faces.py FaceError)
+
 
 def zero_image_hidden_states(clip_vision) -> torch.Tensor:
     """Penultimate hidden states (1, T, W), CPU float32, of an all-zero normalized image."""

@@ -67,13 +67,22 @@ FACE_ORDERS = ("left-to-right", "largest")
 class FaceError(ValueError):
     """Base of this module's errors: a problem with the user's files or photos, not a bug."""
 
+    # The host's error dialog shows an error's type as `module.qualname`, and it imports a pack under its
+    # folder's full path: without this the type reads "/home/.../custom_nodes/ComfyUI-FaceStudio.encoders.
+    # faces.FaceModelError". Every error class of the pack sets it.
+    __module__ = "FaceStudio"
+
 
 class FaceModelError(FaceError):
     """The face-model folder is missing, incomplete or unusable."""
 
+    __module__ = "FaceStudio"  # the type name the host's error dialog shows (see encoders/faces.py FaceError)
+
 
 class FaceNotFound(FaceError):
     """No face (or not the requested one) in the photo numbered `image_index` by the caller."""
+
+    __module__ = "FaceStudio"  # the type name the host's error dialog shows (see encoders/faces.py FaceError)
 
     def __init__(self, message: str, image_index: int):
         super().__init__(message)

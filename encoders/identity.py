@@ -22,6 +22,8 @@ CANCEL_NORM = 1e-6  # a combined or mixed direction shorter than this has cancel
 class IdentityError(FaceError):
     """An identity that cannot be made, mixed, saved or loaded; the message says why."""
 
+    __module__ = "FaceStudio"  # the type name the host's error dialog shows (see encoders/faces.py FaceError)
+
 
 @dataclass(frozen=True, eq=False)
 class DroppedShot:

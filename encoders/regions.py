@@ -96,6 +96,8 @@ SNAP = 1e-6  # in quanta: float error of the blur, far below one quantum (see la
 class RegionError(ValueError):
     """A problem with the user's inputs (too few faces, a bad size or count), not a bug."""
 
+    __module__ = "FaceStudio"  # the type name the host's error dialog shows (see encoders/faces.py FaceError)
+
 
 @dataclass(frozen=True)
 class GrowShape:

@@ -25,6 +25,8 @@ MASK_VALUE = 0.5
 class StyleError(ValueError):
     """A style image or CLIP vision model that cannot be used; the message says why."""
 
+    __module__ = "FaceStudio"  # the type name the host's error dialog shows (see encoders/faces.py FaceError)
+
 
 @dataclass(frozen=True, eq=False)
 class StyleEncoding:

@@ -56,6 +56,8 @@ FEWER_FACES = "fewer_faces_than_identities"
 class ScoringError(FaceError):
     """Identities and faces that cannot be compared; the message says which and what to do."""
 
+    __module__ = "FaceStudio"  # the type name the host's error dialog shows (see encoders/faces.py FaceError)
+
 
 @dataclass(frozen=True, eq=False)
 class Reference:

@@ -373,6 +373,8 @@ def test_bad_input_fails_its_node_clearly_and_the_host_goes_on(comfy_host, env, 
     error = result.error
     if result.error_type != "validation":
         assert result.error_node == g["bad"], result.error
+        # The dialog's type name: the pack's own, not its module's file path ("/.../custom_nodes/...").
+        assert "/" not in result.error_type and "_x_" not in result.error_type, result.error_type
     elif g.prompt[g["bad"]]["class_type"].startswith("FaceStudio"):
         # v0.33 refuses a file name outside the combo's list before the node runs; the node's own message
         # (what 0.3.64 shows) is checked on the same value.
