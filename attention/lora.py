@@ -17,10 +17,10 @@ import torch
 
 from .adapters import AdapterError, AdapterKind, IPAdapterWeights
 from .layers import AttentionPosition
+from ..startup.model_sources import paired_lora_file
 
 # (the adapter's name, the host module's name) of each projection the LoRA changes.
 LORA_PROJECTIONS = (("to_q", "to_q"), ("to_k", "to_k"), ("to_v", "to_v"), ("to_out", "to_out.0"))
-PAIRED_SUFFIX = "_lora.safetensors"
 # The kinds trained with the LoRA (the reference applies it at lora_scale 1.0); Portrait has none by design.
 LORA_KINDS = frozenset({AdapterKind.FACEID, AdapterKind.FACEID_PLUS, AdapterKind.FACEID_PLUS_V2})
 # model_options entry naming the FaceID LoRAs an Apply already put on the MODEL ({key: strength}).
@@ -29,7 +29,7 @@ APPLIED_LORAS = "facestudio_loras"
 
 def paired_lora_name(adapter: IPAdapterWeights) -> str:
     """The release name of the adapter's LoRA file: 'ip-adapter-faceid_sd15.bin' -> '..._sd15_lora.safetensors'."""
-    return os.path.splitext(os.path.basename(adapter.source))[0] + PAIRED_SUFFIX
+    return paired_lora_file(adapter.source)
 
 
 def embedded_lora_state_dict(adapter: IPAdapterWeights,

@@ -94,11 +94,15 @@ def source(name: str) -> ModelSource | None:
     return SOURCES.get(os.path.basename((name or "").replace("\\", "/")))
 
 
+def paired_lora_file(adapter_name: str) -> str:
+    """The file name of the LoRA released with a FaceID adapter: 'ip-adapter-faceid-plusv2_sd15.bin' ->
+    'ip-adapter-faceid-plusv2_sd15_lora.safetensors' (attention/lora.py looks for it under that name)."""
+    return os.path.splitext(os.path.basename((adapter_name or "").replace("\\", "/")))[0] + LORA_SUFFIX
+
+
 def paired_lora(adapter_name: str) -> ModelSource | None:
-    """The LoRA released with a FaceID adapter ('ip-adapter-faceid-plusv2_sd15.bin' ->
-    'ip-adapter-faceid-plusv2_sd15_lora.safetensors'), or None when the release has none (Portrait)."""
-    stem = os.path.splitext(os.path.basename((adapter_name or "").replace("\\", "/")))[0]
-    return SOURCES.get(stem + LORA_SUFFIX)
+    """The public release of that LoRA, or None when the adapter's release has none (Portrait)."""
+    return SOURCES.get(paired_lora_file(adapter_name))
 
 
 AFTER = "Then refresh the node list (press R) and queue again."

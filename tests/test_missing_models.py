@@ -126,11 +126,8 @@ def test_one_queue_refuses_every_loader_and_the_pack_names_folder_and_url(bare_s
 # --- in each frontend -------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def page(bare_server):
-    frontend.require_browser()
-    with frontend.browser() as browser:
-        ui = frontend.Frontend(browser, bare_server)
+    with frontend.opened(bare_server) as ui:
         yield ui
-        ui.close()
 
 
 @pytest.mark.frontend

@@ -136,11 +136,8 @@ def test_every_int_value_is_one_the_frontend_keeps(comfy_server, name):
 @pytest.fixture(scope="module")
 def page(installed):
     """The frontend, opened once the models and pictures are on the server (it lists them at start-up)."""
-    frontend.require_browser()
-    with frontend.browser() as browser:
-        ui = frontend.Frontend(browser, installed)
+    with frontend.opened(installed) as ui:
         yield ui
-        ui.close()
 
 
 @pytest.fixture(scope="module")

@@ -68,6 +68,18 @@ def browser():
             instance.close()
 
 
+@contextlib.contextmanager
+def opened(server):
+    """A Frontend on `server` in a fresh browser; closed afterwards (a test module's `page` fixture)."""
+    require_browser()
+    with browser() as instance:
+        page = Frontend(instance, server)
+        try:
+            yield page
+        finally:
+            page.close()
+
+
 class Frontend:
     """One page of the host's UI, served by `server` (a facestudio_testing.server.ComfyServer)."""
 
