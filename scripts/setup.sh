@@ -211,29 +211,35 @@ ensure_chromium() {
     fi
 }
 
-# --- 4. cubiq's ComfyUI_IPAdapter_plus for the order tests (tests/test_cubiq_order.py) -------------
-# A clone of the commit in scripts/ipadapter-plus.pin, kept beside the host clone (GPL-3.0: never
-# committed) and not linked into any host: only the servers of those tests load it.
-clone_ipadapter_plus() {
-    local pin="$FACESTUDIO_ROOT/scripts/ipadapter-plus.pin" url commit
-    FACESTUDIO_IPADAPTER_PLUS_DIR="${FACESTUDIO_IPADAPTER_PLUS_DIR:-$FACESTUDIO_ROOT/.comfyui/ComfyUI_IPAdapter_plus}"
+# --- 4. reference code the tests run beside the pack (never committed, never in a host's custom_nodes) ---
+# clone_pinned DIR PIN LABEL: the commit of PIN (url= and commit= lines), checked out in DIR.
+clone_pinned() {
+    local dir="$1" pin="$2" label="$3" url commit
     url="$(sed -n 's/^url=//p' "$pin")"; commit="$(sed -n 's/^commit=//p' "$pin")"
     [ -n "$url" ] && [ -n "$commit" ] || { log "$pin needs a url= and a commit= line"; return 1; }
-    if [ ! -d "$FACESTUDIO_IPADAPTER_PLUS_DIR/.git" ]; then
-        log "cloning ComfyUI_IPAdapter_plus $commit from $url"
-        mkdir -p "$(dirname "$FACESTUDIO_IPADAPTER_PLUS_DIR")"
-        git clone -q --no-checkout "$url" "$FACESTUDIO_IPADAPTER_PLUS_DIR"
+    if [ ! -d "$dir/.git" ]; then
+        log "cloning $label $commit from $url"
+        mkdir -p "$(dirname "$dir")"
+        git clone -q --no-checkout "$url" "$dir"
     fi
-    if [ "$(git -C "$FACESTUDIO_IPADAPTER_PLUS_DIR" rev-parse HEAD 2>/dev/null || true)" != "$commit" ] \
-        || ! git -C "$FACESTUDIO_IPADAPTER_PLUS_DIR" diff --quiet HEAD 2>/dev/null; then
-        git -C "$FACESTUDIO_IPADAPTER_PLUS_DIR" fetch -q origin "$commit" 2>/dev/null || true
-        git -C "$FACESTUDIO_IPADAPTER_PLUS_DIR" -c advice.detachedHead=false checkout -q -f "$commit" \
-            || { log "cannot check out ComfyUI_IPAdapter_plus $commit (from $pin)"; return 1; }
+    if [ "$(git -C "$dir" rev-parse HEAD 2>/dev/null || true)" != "$commit" ] \
+        || ! git -C "$dir" diff --quiet HEAD 2>/dev/null; then
+        git -C "$dir" fetch -q origin "$commit" 2>/dev/null || true
+        git -C "$dir" -c advice.detachedHead=false checkout -q -f "$commit" \
+            || { log "cannot check out $label $commit (from $pin)"; return 1; }
     fi
 }
 
+# cubiq's ComfyUI_IPAdapter_plus (GPL-3.0), which tests/test_cubiq_order.py chains with the pack: only
+# the servers of those tests load it.
+FACESTUDIO_IPADAPTER_PLUS_DIR="${FACESTUDIO_IPADAPTER_PLUS_DIR:-$FACESTUDIO_ROOT/.comfyui/ComfyUI_IPAdapter_plus}"
+# PuLID's reference implementation (Apache-2.0), whose modules the PuLID-FLUX tests import and run on
+# the same random weights as the pack's.
+FACESTUDIO_PULID_DIR="${FACESTUDIO_PULID_DIR:-$FACESTUDIO_ROOT/.comfyui/PuLID}"
+
 resolve_host
 setup_venv
-clone_ipadapter_plus
+clone_pinned "$FACESTUDIO_IPADAPTER_PLUS_DIR" "$FACESTUDIO_ROOT/scripts/ipadapter-plus.pin" ComfyUI_IPAdapter_plus
+clone_pinned "$FACESTUDIO_PULID_DIR" "$FACESTUDIO_ROOT/scripts/pulid.pin" PuLID
 if [ "${FACESTUDIO_SETUP_BROWSER:-0}" = 1 ]; then ensure_chromium; fi
-export FACESTUDIO_ROOT FACESTUDIO_PY COMFYUI_DIR FACESTUDIO_IPADAPTER_PLUS_DIR
+export FACESTUDIO_ROOT FACESTUDIO_PY COMFYUI_DIR FACESTUDIO_IPADAPTER_PLUS_DIR FACESTUDIO_PULID_DIR
