@@ -143,6 +143,9 @@ setup_venv() {
     grep -v -E '^\s*torchaudio' "$COMFYUI_DIR/requirements.txt" >"$VENV/host-requirements.txt"
     "${pip[@]}" -r "$VENV/host-requirements.txt" requests
     "${pip[@]}" -r "$FACESTUDIO_ROOT/requirements.txt" -r "$FACESTUDIO_ROOT/requirements-test.txt"
+    # facexlib, whose modules the PuLID-FLUX tests compare the pack's face detection and parsing with:
+    # without its dependencies, which would install opencv-python over the headless build.
+    "${pip[@]}" --no-deps facexlib==0.3.0
     "$FACESTUDIO_PY" "$FACESTUDIO_ROOT/install.py"
     install_torchvision_shim_if_needed
     install_torchaudio
