@@ -41,6 +41,7 @@ __all__ = [
     "TokenGroups",
     "route",
     "route_chunks",
+    "route_persons",
     "text_gain",
     "layer_text_gain",
     "style_gain",
@@ -279,6 +280,45 @@ def route(
                          "no style scales the text at this layer")
     if groups.segments == 0:  # nothing routed, no style: t is 1
         return (a_text if wrapped is None else wrapped).to(q.dtype)
+    seg_w = _checked_regions(q, groups, regions).to(q.device, precision)
+    if groups.style_scale is not None:
+        style_col = seg_w.new_full((*seg_w.shape[:2], 1), g * groups.style_scale)
+        seg_w = torch.cat([seg_w, style_col], -1)
+    out = _segment_attention(q, groups, seg_w, precision)
+    if wrapped is None:
+        out.add_(_in(a_text, precision), alpha=t)
+    else:
+        # The foreign output already holds A_text once: add it as is, then only the text's change.
+        out.add_(_in(wrapped, precision))
+        if t != 1.0:
+            out.add_(_in(a_text, precision), alpha=t - 1.0)
+    return out.to(q.dtype)
+
+
+def route_persons(
+    q: torch.Tensor,
+    groups: TokenGroups,
+    regions: torch.Tensor | Sequence[torch.Tensor | None] | None = None,
+    *,
+    precision: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """R(x) alone, [B, Nq, H*d] in q's dtype: the persons' routed attention, with no text attention to add.
+
+    For an identity attention of its own that an adapter adds to the residual stream (PuLID-FLUX's
+    PerceiverAttentionCA, attention/flux_routing.py) instead of to the text cross-attention. The same
+    kernel as `route`: one product for every person, a softmax per person, weights after it.
+    `groups` holds persons only (no style: there is no text here for alpha to balance it against)."""
+    if groups.style_scale is not None:
+        raise ValueError("route_persons routes persons only; a style needs route (it is balanced against the text)")
+    if groups.segments == 0:
+        return q.new_zeros(q.shape)
+    seg_w = _checked_regions(q, groups, regions).to(q.device, precision)
+    return _segment_attention(q, groups, seg_w, precision).to(q.dtype)
+
+
+def _checked_regions(q: torch.Tensor, groups: TokenGroups, regions) -> torch.Tensor:
+    """The region weights [1 or B, 1 or Nq, P] for these rows (made from masks if given masks), checked."""
+    b, nq, inner = q.shape
     heads = groups.heads
     if inner != heads * groups.keys.shape[3]:
         raise ValueError(f"q width {inner} does not match the tokens' {heads * groups.keys.shape[3]}")
@@ -288,14 +328,18 @@ def route(
         regions = groups.region_weights(regions)
     if regions.ndim != 3 or regions.shape[0] not in (1, b) or regions.shape[1] not in (1, nq) or regions.shape[2] != groups.persons:
         raise ValueError(f"regions {tuple(regions.shape)} must be [1 or {b}, 1 or {nq}, {groups.persons}]")
+    return regions
+
+
+def _segment_attention(q: torch.Tensor, groups: TokenGroups, seg_w: torch.Tensor,
+                       precision: torch.dtype) -> torch.Tensor:
+    """sum_s seg_w[..., s] * softmax over segment s's tokens of (q K_s^T / sqrt(d)) V_s: [B, Nq, H*d] in
+    `precision`; seg_w [1 or B, 1 or Nq, S] has one column per segment."""
+    b, nq, inner = q.shape
+    heads = groups.heads
     grp = groups.to(q.device, precision)
     seg, tok = groups.segments, groups.segment_length
     d = inner // heads
-
-    seg_w = regions.to(q.device, precision)
-    if groups.style_scale is not None:
-        style_col = seg_w.new_full((*seg_w.shape[:2], 1), g * groups.style_scale)
-        seg_w = torch.cat([seg_w, style_col], -1)
 
     # One copy makes q^T [B, H, d, Nq] contiguous in the score precision.
     qt = q.reshape(b, nq, heads, d).permute(0, 2, 3, 1).to(dtype=precision, memory_format=torch.contiguous_format)
@@ -308,14 +352,7 @@ def route(
     # P^T V as a transposed operand (no copy); the sum over tokens also sums over persons.
     out = torch.matmul(probs.view(b, heads, seg * tok, nq).transpose(-1, -2), grp.values)  # [B, H, Nq, d]
     out = out.transpose(1, 2).reshape(b, nq, inner)
-    if wrapped is None:
-        out.add_(_in(a_text, precision), alpha=t)
-    else:
-        # The foreign output already holds A_text once: add it as is, then only the text's change.
-        out.add_(_in(wrapped, precision))
-        if t != 1.0:
-            out.add_(_in(a_text, precision), alpha=t - 1.0)
-    return out.to(q.dtype)
+    return out
 
 
 def _in(x: torch.Tensor, precision: torch.dtype) -> torch.Tensor:
