@@ -49,11 +49,16 @@ def main() -> int:
                 changed = workflow_defs.prompt_differences(workflow.prompt, page.graph_to_prompt())
                 if changed:  # e.g. a value off an INT widget's step grid, or an input name the node lacks
                     raise RuntimeError(f"{name}: the frontend does not queue the definition:\n" + "\n".join(changed))
-                page.arrange(workflow.layout())
+                # A Load Image node grows to fit its picture when it is first drawn: draw them all first, so
+                # the layout is made with the sizes they keep.
+                page.wait_for_pictures()
+                page.fit_view()
+                fit_scale = page.arrange(workflow.layout())
                 # The files it loads, with their folders and download URLs, for the Missing Models panels.
                 graph = workflow_defs.add_model_metadata(page.serialize(), workflow.prompt)
+                graph.setdefault("extra", {})["ds"] = workflow_defs.VIEW  # the view it opens at
                 made[WORKFLOWS / f"{name}.json"] = (json.dumps(graph, indent=2) + "\n").encode()
-                print(f"made {name} ({len(graph['nodes'])} nodes)")
+                print(f"made {name} ({len(graph['nodes'])} nodes; Fit View at {fit_scale:.2f})")
             if page.errors:
                 raise RuntimeError("page errors:\n" + "\n".join(page.errors))
             page.close()

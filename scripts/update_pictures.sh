@@ -1,24 +1,21 @@
 #!/usr/bin/env bash
-# Makes the workflow pictures from the test run: runs the frontend test of tests/test_workflows.py
-# (each bundled workflow loaded in the host's own frontend, in headless Chromium), which saves a
-# screenshot of each workflow in $FACESTUDIO_SCREENSHOTS, then copies them to workflows/<name>.jpg
-# (the thumbnails ComfyUI's template browser shows) and the README's picture to docs/. Nothing is
-# copied unless every frontend test passes and every workflow has its screenshot.
-# Run it after scripts/make_workflows.py. Extra arguments go to pytest.
+# Makes the workflows' pictures: the thumbnails the host's templates browser shows (workflows/<name>.jpg,
+# drawn by scripts/make_thumbnails.py with the pack's own preview nodes), then the README's pictures
+# from the templates-browser test run (tests/test_templates_browser.py: the browser with the pack's
+# cards, and a workflow as it opens from its card), copied to docs/. Nothing is copied unless every
+# test of that run passes. Run it after scripts/make_workflows.py. Extra arguments go to pytest.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+source "$root/scripts/setup.sh"
+"$FACESTUDIO_PY" "$root/scripts/make_thumbnails.py"
 shots="$(mktemp -d)"
 trap 'rm -rf "$shots"' EXIT
 FACESTUDIO_SCREENSHOTS="$shots" FACESTUDIO_REQUIRE_BROWSER=1 \
-    bash "$root/scripts/test.sh" -q tests/test_workflows.py -k test_loads_in_the_frontend "$@"
-for json in "$root"/workflows/*.json; do
-    name="$(basename "$json" .json)"
-    [ -s "$shots/$name.jpg" ] || { echo "[facestudio] no screenshot of $name from the test run" >&2; exit 1; }
-done
-for json in "$root"/workflows/*.json; do
-    name="$(basename "$json" .json)"
-    cp "$shots/$name.jpg" "$root/workflows/$name.jpg"
-done
+    bash "$root/scripts/test.sh" -q tests/test_templates_browser.py "$@"
 mkdir -p "$root/docs"
-cp "$shots/03_two_people_in_regions.jpg" "$root/docs/workflow_two_people.jpg"
-echo "[facestudio] wrote $(ls "$root"/workflows/*.json | wc -l) thumbnails in workflows/ and docs/workflow_two_people.jpg"
+for picture in "templates_browser.jpg:templates_browser.jpg" "03 Two people in regions - first view.jpg:workflow_two_people.jpg"; do
+    from="$shots/${picture%%:*}" to="$root/docs/${picture##*:}"
+    [ -s "$from" ] || { echo "[facestudio] no screenshot '${picture%%:*}' from the test run" >&2; exit 1; }
+    cp "$from" "$to"
+done
+echo "[facestudio] wrote $(ls "$root"/workflows/*.json | wc -l) thumbnails in workflows/ and the README's pictures in docs/"

@@ -12,6 +12,7 @@ that the panel plus that one answer name every file, with its folder.
 from __future__ import annotations
 
 import json
+import urllib.parse
 from urllib.parse import urlparse
 
 import pytest
@@ -135,7 +136,7 @@ def page(bare_server):
 def test_the_panel_and_one_queue_name_every_file_with_its_folder(page, bare_server, name):
     """As a first-time user: open the template with no models, read the Missing Models panel, press Run once."""
     skip_without_its_host_nodes(bare_server, name)
-    template = json.loads(bare_server.request(f"/api/workflow_templates/{PACK_LINK_NAME}/{name}.json"))
+    template = json.loads(bare_server.request(f"/api/workflow_templates/{PACK_LINK_NAME}/{urllib.parse.quote(name)}.json"))
     page.load_workflow(template, f"{name}.json")
     panel = page.missing_models()
     prompt = wd.WORKFLOWS[name].prompt

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 
 import pytest
@@ -163,6 +164,14 @@ class Frontend:
     def load_api(self, prompt: dict, name: str) -> None:
         self.page.evaluate("([p, name]) => app.loadApiJson(p, name)", [prompt, name])
 
+    def wait_for_pictures(self) -> None:
+        """Until every Load Image node shows its picture: the frontend grows such a node to fit it, so its
+        size is final only then."""
+        self.page.wait_for_function(
+            "() => app.graph.nodes.filter(n => n.type === 'LoadImage')"
+            ".every(n => n.imgs && n.imgs.length && n.imgs.every(i => i.complete && i.naturalWidth))")
+        self.page.wait_for_timeout(300)
+
     def load_workflow(self, workflow: dict, name: str) -> None:
         """What opening a workflow file or template does: app.loadGraphData."""
         self.page.evaluate("async ([w, name]) => { await app.loadGraphData(w, true, true, name); }",
@@ -192,15 +201,86 @@ class Frontend:
         # Through JSON as the frontend's own Save does: undefined fields are left out, not null.
         return self.page.evaluate("() => JSON.parse(JSON.stringify(app.graph.serialize()))")
 
-    def arrange(self, layout: dict) -> None:
-        """Places the groups as columns left to right (nodes top to bottom, a Note at the top of each),
-        with an overview Note above them; see workflow_defs.Workflow.layout."""
-        self.page.evaluate(ARRANGE_JS, layout)
+    def arrange(self, layout: dict) -> float:
+        """Places the overview Note and the groups left to right (each a Note, then its nodes, in as many
+        columns as it needs); see workflow_defs.Workflow.layout. Returns the scale Fit View gives it."""
+        scale = self.page.evaluate(ARRANGE_JS, {**layout, "viewport": [VIEWPORT["width"], VIEWPORT["height"]]})
         self.page.wait_for_timeout(200)
+        return scale
+
+    # --- the templates browser, as a user opens it ------------------------------------------------
+    def open_templates(self, module: str) -> None:
+        """Opens the templates browser with the sidebar's Templates button and picks `module`'s entry
+        (under Custom Nodes in 1.27, Extensions in 1.48), then waits for its cards."""
+        self.close_dialogs()
+        self.close_templates()
+        self.page.locator("button").filter(has_text=re.compile("^\\s*Tem\u00ad?plates\\s*$")).first.click()
+        self.page.get_by_text(module, exact=True).first.click()
+        self.page.wait_for_selector(TEMPLATE_CARD)
+        self.page.wait_for_timeout(300)
+
+    def close_templates(self) -> None:
+        """Closes the templates browser as a user does (Escape); 1.48's is no PrimeVue dialog, so
+        close_dialogs() does not see it."""
+        for _ in range(3):
+            if not self.page.locator(TEMPLATE_CARD).count():
+                return
+            self.page.keyboard.press("Escape")
+            self.page.wait_for_timeout(300)
+        raise RuntimeError("the templates browser does not close on Escape")
+
+    def sort_templates(self, label: str) -> bool:
+        """Picks `label` in the browser's sort menu (1.48: Default, ..., 'A \u2192 Z'); False where there
+        is no sort menu (1.27)."""
+        menu = self.page.locator('button[role="combobox"]').filter(has_text="Default")
+        if not menu.count():
+            return False
+        menu.first.click()
+        self.page.get_by_role("option", name=label).click()
+        self.page.wait_for_timeout(300)
+        return True
+
+    def template_cards(self) -> list[dict]:
+        """The browser's cards in the order shown: name (from the card's test id), the title shown and
+        whether it is cut off (an ellipsis or clamped lines), and the thumbnail's natural size (0 when it
+        did not load). Each card is scrolled into view first, as lazily loaded thumbnails need."""
+        cards, shown = self.page.locator(TEMPLATE_CARD), []
+        for i in range(cards.count()):
+            cards.nth(i).scroll_into_view_if_needed()
+            try:  # an image not yet in view has no src at all (and counts as complete)
+                self.page.wait_for_function(
+                    "(card) => { const i = card.querySelector('img'); return i && i.src && i.complete && i.naturalWidth; }",
+                    arg=cards.nth(i).element_handle(), timeout=10_000)
+            except Exception as error:  # playwright's TimeoutError: reported as a 0x0 thumbnail
+                if "Timeout" not in type(error).__name__:
+                    raise
+            # Read while in view: 1.27 empties the images of cards scrolled away.
+            shown.append(cards.nth(i).evaluate(TEMPLATE_CARD_JS))
+        return shown
+
+    def open_template(self, name: str) -> None:
+        """Clicks `name`'s card; returns when the browser has closed and its graph is on the canvas."""
+        self.page.locator(f'[data-testid="template-workflow-{name}"]').click()
+        self.page.wait_for_function(f"() => !document.querySelector('{TEMPLATE_CARD}') && app.graph.nodes.length > 0")
+        self.page.wait_for_timeout(500)
+
+    def shown_layout(self) -> dict:
+        """What the canvas holds and shows: each node's and group's rectangle in graph units (a node's with
+        its title bar), the view's scale and offset, and the canvas's place on the page."""
+        return self.page.evaluate(SHOWN_LAYOUT_JS)
+
+    def uncovered(self, points) -> list[bool]:
+        """For page points (x, y): whether the canvas (or a widget drawn on it) is what the page shows
+        there, not a panel, a menu or a dialog over it, nor nothing (off the canvas)."""
+        return self.page.evaluate(UNCOVERED_JS, [list(p) for p in points])
 
     def fit_view(self) -> None:
         self.page.evaluate(FIT_VIEW_JS)
         self.page.wait_for_timeout(500)
+
+    def screenshot_page(self, path, quality: int = 85) -> None:
+        """The whole page as the user sees it (panels and dialogs included), as a JPEG."""
+        self.page.screenshot(path=str(path), type="jpeg", quality=quality)
 
     def screenshot(self, path, quality: int = 80) -> None:
         """The canvas (with the DOM widgets drawn over it) as a JPEG."""
@@ -236,51 +316,107 @@ MISSING_MODELS_TEXT_JS = r"""
 }
 """
 
+TEMPLATE_CARD = '[data-testid^="template-workflow-"]'
+TEMPLATE_CARD_JS = r"""
+(card) => {
+  const title = card.querySelector('h3'), img = card.querySelector('img');
+  return {
+    name: card.dataset.testid.slice('template-workflow-'.length),
+    title: title ? title.innerText.trim() : '',
+    title_cut: title ? (title.scrollWidth > title.clientWidth + 1 || title.scrollHeight > title.clientHeight + 1) : true,
+    thumbnail: img ? [img.naturalWidth, img.naturalHeight] : [0, 0],
+  };
+}
+"""
+SHOWN_LAYOUT_JS = r"""
+() => {
+  const T = LiteGraph.NODE_TITLE_HEIGHT || 30, c = app.canvas, box = c.canvas.getBoundingClientRect();
+  return {
+    nodes: app.graph.nodes.map(n => ({id: n.id, type: n.type, title: n.title,
+                                      rect: [n.pos[0], n.pos[1] - T, n.size[0], n.size[1] + T]})),
+    groups: (app.graph.groups || app.graph._groups || []).map(g => ({title: g.title, color: g.color,
+                                                                      rect: [...g.pos, ...g.size]})),
+    scale: c.ds.scale, offset: [...c.ds.offset], canvas: [box.left, box.top, box.width, box.height],
+  };
+}
+"""
+UNCOVERED_JS = r"""
+(points) => {
+  const canvas = app.canvas.canvas;
+  return points.map(([x, y]) => {
+    const e = document.elementFromPoint(x, y);
+    // The canvas itself, or a DOM widget the frontend draws on it (a Note's or a prompt's text box).
+    return !!e && (e === canvas || e.tagName === 'TEXTAREA' || !!e.closest('.dom-widget, .dom-widgets, .comfy-multiline-input'));
+  });
+}
+"""
+
 ARRANGE_JS = r"""
 (layout) => {
   const g = app.graph, LG = window.LiteGraph;
-  const TITLE = LG.NODE_TITLE_HEIGHT || 30, PAD = 20, GAP = 40, COLUMN = 340, MAX_HEIGHT = 1150;
+  const TITLE = LG.NODE_TITLE_HEIGHT || 30, PAD = 16, GAP = 30, COLUMN = 320;
   for (const [id, title] of Object.entries(layout.titles)) g.getNodeById(+id).title = title;
-  const note = (text, width, height, title) => {
+  const note = (text, width, title) => {
     const n = LG.createNode("Note");
     g.add(n);
     n.title = title;
     n.widgets[0].value = text;
-    n.size = [width, height];
+    // Lines of about 6.8 px per character, paragraph by paragraph, plus the text box's margins.
+    const lines = text.split("\n").reduce((sum, p) => sum + Math.max(1, Math.ceil(p.length * 6.8 / (width - 24))), 0);
+    // Never below what the frontend itself would give it (it enforces that on load: title, text box).
+    const least = n.computeSize ? n.computeSize() : [0, 0];
+    n.size = [Math.max(width, least[0]), Math.max(36 + lines * 17, least[1])];
     n.color = "#432"; n.bgcolor = "#653";
     return n;
   };
-  const noteHeight = (text, width) => 60 + Math.ceil(text.length * 7.2 / (width - 30)) * 18;
-  const overview = note(layout.description, 2 * COLUMN + 3 * PAD, 0, "About: " + layout.title);
-  overview.size = [overview.size[0], noteHeight(overview.widgets[0].value, overview.size[0])];
-  overview.pos = [0, 0];
-  const top = overview.size[1] + 2 * TITLE + GAP;
-  let x = 0;
-  for (const spec of layout.groups) {
+  // The overview note is a column of its own; each group, a Note under its title and then its nodes,
+  // flows down columns no taller than `height` and spans as many as it needs. All groups sit in one
+  // row, so the whole graph is a block the frontends' Fit View (which 1.48 applies to every template it
+  // opens) can show at a readable scale: `height` is chosen for the largest such scale.
+  const overview = note(layout.description, COLUMN + 60, "About: " + layout.title);
+  const groups = layout.groups.map(spec => {
     const nodes = spec.nodes.map(id => g.getNodeById(+id));
     const width = Math.max(COLUMN, ...nodes.map(n => n.size[0]));
-    const header = note(spec.note, width, noteHeight(spec.note, width), "Step " + spec.title);
-    let columnX = x + PAD, y = top + TITLE, right = columnX + width, bottom = y;
-    header.pos = [columnX, y];
-    y += header.size[1] + TITLE + PAD;
-    for (const n of nodes) {
-      n.size = [Math.max(width, n.size[0]), n.size[1]];
-      if (y + n.size[1] > top + MAX_HEIGHT && y > top + TITLE + header.size[1] + TITLE + PAD) {
-        columnX += width + GAP; y = top + TITLE;  // wrap into a second column inside the group
+    for (const n of nodes) n.size = [width, n.size[1]];
+    const header = note(spec.note, width, "Step " + spec.title);
+    return {spec, width: Math.max(width, header.size[0]), items: [header, ...nodes]};
+  });
+  const place = (height, apply) => {
+    let x = overview.size[0] + GAP, bottom = TITLE + overview.size[1];
+    if (apply) overview.pos = [0, TITLE];
+    for (const group of groups) {
+      let columnX = x + PAD, y = 2 * TITLE, columnTop = true, right = columnX + group.width;
+      for (const n of group.items) {
+        if (!columnTop && y + n.size[1] > height) { columnX += group.width + GAP; y = 2 * TITLE; }
+        if (apply) n.pos = [columnX, y];  // a node's pos is its body's corner, under its own title
+        y += n.size[1] + PAD + TITLE;
+        columnTop = false;
+        right = Math.max(right, columnX + group.width);
+        bottom = Math.max(bottom, y - TITLE);
       }
-      n.pos = [columnX, y];
-      y += n.size[1] + TITLE + PAD;
-      right = Math.max(right, columnX + n.size[0]);
-      bottom = Math.max(bottom, y - TITLE);
+      group.rect = [x, 0, right + PAD - x, 0];
+      x = right + PAD + GAP;
     }
+    for (const group of groups) group.rect[3] = bottom + PAD;
+    return [x - GAP, bottom + PAD];
+  };
+  // Fit View's scale at the viewport the workflows are made for (LGraphCanvas.ds.fitToBounds: 0.75 of it).
+  const [W, H] = layout.viewport, fit = ([w, h]) => Math.min(0.75 * W / w, 0.75 * H / h, 1);
+  let best = null;
+  for (let height = 600; height <= 3000; height += 25) {
+    const scale = fit(place(height, false));
+    if (!best || scale > best.scale) best = {height, scale};
+  }
+  const [width, height] = place(best.height, true);
+  for (const {spec, rect} of groups) {
     const group = new LG.LGraphGroup(spec.title);
     group.color = spec.color;
     g.add(group);
-    group.pos = [x, top - TITLE];
-    group.size = [right - x + PAD, bottom - top + TITLE + PAD];
-    x = right + PAD + GAP;
+    group.pos = rect.slice(0, 2);
+    group.size = rect.slice(2);
   }
   g.setDirtyCanvas(true, true);
+  return fit([width, height]);  // the scale Fit View gives
 }
 """
 

@@ -46,9 +46,15 @@ SCENE = "facestudio_scene.jpg"
 DISPLAY_ONLY_WIDGETS = {("PreviewAny", "preview")}
 
 # Group colours (LiteGraph's palette): one per kind of step, the same in every workflow.
-COLORS = {"models": "#3f789e", "faces": "#8A8", "style": "#a1309b", "prompt": "#b58b2a", "sample": "#444",
+COLORS = {"models": "#3f789e", "faces": "#8A8", "style": "#a1309b", "prompt": "#b58b2a", "sample": "#b06634",
           "check": "#88A"}
 
+
+# The view each workflow file opens at (its `extra.ds`): the overview note and the first steps at the top
+# left, well above the frontends' low-detail threshold (text under 8 px on screen: below about scale 0.6
+# for the 14-px font). 1.27 restores it whenever it loads a file; 1.48 when a file is opened, but it Fit-
+# Views every template it opens, which is why the layout is one compact block (see frontend.ARRANGE_JS).
+VIEW = {"scale": 0.8, "offset": [100, 130]}
 
 DEFAULT_TITLES = {"positive": "Prompt (whole image)", "negative": "Negative prompt",
                   "adapter": "FaceID adapter (FaceID Plus v2)", "clip_vision": "CLIP vision (ViT-H)"}
@@ -74,6 +80,9 @@ class Workflow:
     # Host node types it needs beyond the core's and the pack's (e.g. SAM3_Detect, ComfyUI 0.33 on): the
     # tests skip it on hosts without them, and do not run it on the tiny test models (no weights for those).
     requires: tuple[str, ...] = ()
+    # One line on what it makes: the first line of the overview note (the templates browser shows only the
+    # file name, so this is where a user reads it).
+    summary: str = ""
 
     @property
     def prompt(self) -> dict:
@@ -87,7 +96,7 @@ class Workflow:
         if missing:
             raise ValueError(f"{self.name}: nodes in no group: {missing}")
         return {
-            "name": self.name, "title": self.title, "description": self.description,
+            "name": self.name, "title": self.title, "description": f"{self.summary}\n\n{self.description}",
             "groups": [{"title": g.title, "color": g.color, "note": g.note, "nodes": [ids[n] for n in g.nodes]}
                        for g in self.groups],
             "titles": {ids[n]: t for n, t in {**DEFAULT_TITLES, **self.titles}.items() if n in ids},
@@ -227,14 +236,14 @@ def _on_base(base: str) -> tuple[str, dict[str, str]]:
     return f" on {base}", {"adapter": f"FaceID adapter (FaceID Plus v2 {base})"}
 
 
-BASES = {  # base -> (checkpoint, FaceID adapter, models note, sampling note, name prefix, title prefix)
+BASES = {  # base -> (checkpoint, FaceID adapter, models note, sampling note, title prefix, short name prefix)
     "SD1.5": (CHECKPOINT, FACEID_PLUS_V2, MODELS_NOTE, SAMPLE_NOTE, "", ""),
-    "SDXL": (SDXL_CHECKPOINT, FACEID_PLUS_V2_SDXL, SDXL_MODELS_NOTE, SDXL_SAMPLE_NOTE, "sdxl_", "SDXL: "),
+    "SDXL": (SDXL_CHECKPOINT, FACEID_PLUS_V2_SDXL, SDXL_MODELS_NOTE, SDXL_SAMPLE_NOTE, "SDXL - ", "SDXL "),
 }
 
 
 def one_person(number: int = 1, base: str = "SD1.5") -> Workflow:
-    checkpoint, adapter, models_note, sample_note, prefix, title = BASES[base]
+    checkpoint, adapter, models_note, sample_note, title, short = BASES[base]
     on, titles = _on_base(base)
     size = {"width": 1024, "height": 1024, "cfg": 5.0} if base == "SDXL" else {}
     g = _base("a photo of a person in a leather jacket on a city street at night, neon lights, 35mm",
@@ -243,7 +252,7 @@ def one_person(number: int = 1, base: str = "SD1.5") -> Workflow:
     _photo_identity(g, "identity", PHOTO)
     _apply(g, _person(g, "person", g.link("identity")))
     return Workflow(
-        f"{number:02d}_{prefix}one_person_from_one_photo", f"{title}One person from one photo",
+        f"{number:02d} {short}one person" if short else f"{number:02d} One person, one photo", f"{title}One person from one photo",
         f"One person from one photo{on}, with IP-Adapter FaceID Plus v2 and its LoRA (FaceStudio Apply's "
         "lora_strength). Put a clear photo of one face in ComfyUI's input folder and pick it in Load Image.",
         g,
@@ -259,6 +268,9 @@ def one_person(number: int = 1, base: str = "SD1.5") -> Workflow:
          Group("4. Sample", COLORS["sample"], ["latent", "sampler", "decode", "save"], sample_note)],
         {"identity_photo": "Photo of the person", **titles},
         base,
+        summary=("SDXL: your face photo and a prompt make an image of that person, at 1024x1024 (FaceID Plus v2 "
+                 "SDXL)." if base == "SDXL" else
+                 "Your face photo and a prompt make an image of that person, in seconds (FaceID Plus v2 and its LoRA)."),
     )
 
 
@@ -274,7 +286,7 @@ def stylized_portrait() -> Workflow:
            style=g.link("style"))
     g.set("apply", style_weight=0.8)
     return Workflow(
-        "02_stylized_portrait", "Stylized portrait (person + style image)",
+        "02 Portrait in a style", "Stylized portrait (person + style image)",
         "A person in the look of a style image: FaceStudio's hybrid guidance. Identity from the person's "
         "photo; the look from the style image (an IP-Adapter image-prompt model); the text from the prompt. "
         "alpha balances the style image against the text.",
@@ -295,6 +307,7 @@ def stylized_portrait() -> Workflow:
          Group("5. Sample", COLORS["sample"], ["latent", "sampler", "decode", "save"], SAMPLE_NOTE)],
         {"identity_photo": "Photo of the person", "style_photo": "Style image",
          "style_adapter": "Style adapter (image prompt)"},
+        summary="A person in the look of a style image: the text, the style image and the identity blended (alpha).",
     )
 
 
@@ -321,7 +334,7 @@ def _two_people_groups(place: str, sample_note: str, pick_note: str = "") -> lis
 
 
 def two_people(number: int = 3, base: str = "SD1.5") -> Workflow:
-    checkpoint, adapter, models_note, sample_note, prefix, title = BASES[base]
+    checkpoint, adapter, models_note, sample_note, title, short = BASES[base]
     on, titles = _on_base(base)
     width, height, feather = (1216, 832, 32) if base == "SDXL" else (768, 512, 16)
     g = _base("two friends standing side by side in a park, autumn, golden hour, photo", width=width, height=height,
@@ -332,7 +345,7 @@ def two_people(number: int = 3, base: str = "SD1.5") -> Workflow:
     _regional_prompts(g, g.link("regions"), ("a woman with long red hair, green coat",
                                              "a man with a beard, blue denim jacket"))
     return Workflow(
-        f"{number:02d}_{prefix}two_people_in_regions", f"{title}Two people, each in their own region",
+        f"{number:02d} {short}two people" if short else f"{number:02d} Two people in regions", f"{title}Two people, each in their own region",
         f"Two people in one image{on}, each bound to a region: FaceStudio's multi-identity attention, where the "
         "image inside person i's region attends only to person i's identity. The regions come from the faces "
         "of a layout photo (two people, left to right); each person also gets their own prompt in their "
@@ -349,6 +362,9 @@ def two_people(number: int = 3, base: str = "SD1.5") -> Workflow:
                                                     "(index i, as Person's mask_index i).")],
         {**TWO_PEOPLE_TITLES, **titles},
         base,
+        summary=("SDXL: two people in one image, each face bound to its own region, each with its own prompt, at "
+                 "1216x832." if base == "SDXL" else
+                 "Two people in one image, each face bound to its own region, each with its own prompt."),
     )
 
 
@@ -368,7 +384,7 @@ def two_people_sam3(number: int = 11) -> Workflow:
     _regional_prompts(g, g.link("regions"), ("a woman with long red hair, green coat",
                                              "a man with a beard, blue denim jacket"))
     return Workflow(
-        f"{number:02d}_two_people_with_sam3_silhouettes", "Two people, each in their own silhouette (SAM3)",
+        f"{number:02d} Two people with SAM3", "Two people, each in their own silhouette (SAM3)",
         "Two people in one image, each bound to their own silhouette: SAM3 segments the people of a layout "
         "photo, FaceStudio Regions matches each mask to the face in it and numbers them left to right, and the "
         "image inside person i's silhouette attends only to person i's identity. Needs ComfyUI 0.33 or later "
@@ -386,6 +402,7 @@ def two_people_sam3(number: int = 11) -> Workflow:
         {**TWO_PEOPLE_TITLES, "sam3": "SAM3 (segmentation)", "sam3_prompt": "What to segment",
          "segment": "SAM3 Detect"},
         requires=("SAM3_Detect",),
+        summary="Two people in one image, each bound to their own SAM3 silhouette (ComfyUI 0.33 or later).",
     )
 
 
@@ -400,7 +417,7 @@ def multi_shot() -> Workflow:
     g.add("FaceStudioIdentitySave", {"identity": identity, "filename_prefix": "person"}, "save_identity")
     _apply(g, _person(g, "person", identity))
     return Workflow(
-        "04_multi_shot_identity", "One person from several photos",
+        "04 One face, many photos", "One person from several photos",
         "One person from several photos (multi-shot): more views of a face give a steadier likeness. The "
         "report shows which shots were used and which were dropped as not matching the others.",
         g,
@@ -416,6 +433,7 @@ def multi_shot() -> Workflow:
          Group("4. Prompt, apply, sample", COLORS["sample"], ["positive", "negative", "apply", "latent", "sampler",
                                                              "decode", "save"], SAMPLE_NOTE)],
         {"shot0": "Photo 1", "shot1": "Photo 2", "shot2": "Photo 3", "report": "Shots used / dropped"},
+        summary="Several photos of one person make one steadier identity; a shot that does not match is dropped.",
     )
 
 
@@ -428,7 +446,7 @@ def identity_mix() -> Workflow:
                                     "weight_d": 0.0}, "mix")
     _apply(g, _person(g, "person", g.link("mix")))
     return Workflow(
-        "05_identity_mixing", "Identity mixing",
+        "05 Mix two faces", "Identity mixing",
         "A new face between two people: Mix Identities blends their identities (weight = share of B). "
         "Up to four identities made with the same face analyzer can be mixed.",
         g,
@@ -441,6 +459,7 @@ def identity_mix() -> Workflow:
          Group("4. Prompt, apply, sample", COLORS["sample"], ["positive", "negative", "apply", "latent", "sampler",
                                                              "decode", "save"], SAMPLE_NOTE)],
         {"identity_a_photo": "Photo of person A", "identity_b_photo": "Photo of person B"},
+        summary="A new face halfway between two people (Mix Identities).",
     )
 
 
@@ -461,7 +480,7 @@ def controlnet_lora() -> Workflow:
     g.prompt[g["sampler"]]["inputs"].update(positive=g.link("control", 0), negative=g.link("control", 1))
     _apply(g, _person(g, "person", g.link("identity")), model=g.link("lora", 0))
     return Workflow(
-        "06_controlnet_pose_and_lora", "With a ControlNet (pose) and a LoRA",
+        "06 ControlNet and LoRA", "With a ControlNet (pose) and a LoRA",
         "FaceStudio with the tools you already use: a LoRA on the checkpoint, an OpenPose ControlNet for the "
         "body's pose, and FaceStudio Apply for the face, all in one graph.",
         g,
@@ -476,6 +495,7 @@ def controlnet_lora() -> Workflow:
                                                              "decode", "save"],
                "FaceStudio Apply goes after the LoRA loader (it patches the LoRA'd model). " + SAMPLE_NOTE)],
         {"identity_photo": "Photo of the person", "pose": "Pose image (OpenPose)", "lora": "Style LoRA"},
+        summary="A face from a photo, a body pose from an OpenPose ControlNet and a LoRA's look, in one graph.",
     )
 
 
@@ -490,7 +510,7 @@ def image_to_image() -> Workflow:
     g.prompt[g["sampler"]]["inputs"]["latent_image"] = g.link("scene_latent")
     _two_people_in_regions(g, "partition", g.link("scene_scaled"), 768, 512, 16, size_weighted=True)
     return Workflow(
-        "07_image_to_image", "Image to image: keep the scene, replace the people",
+        "07 Image to image", "Image to image: keep the scene, replace the people",
         "Image to image: the scene photo's layout (composition, poses, colours) is kept and its two people "
         "become the two identities. denoise below 1 (0.5-0.7) sets how much is redrawn.",
         g,
@@ -508,6 +528,7 @@ def image_to_image() -> Workflow:
                "identities and the prompt more. " + SAMPLE_NOTE)],
         {"identity0_photo": "Photo of person 0 (left)", "identity1_photo": "Photo of person 1 (right)",
          "scene": "Scene photo"},
+        summary="A scene photo keeps its composition; its two people become yours (denoise 0.6).",
     )
 
 
@@ -520,7 +541,7 @@ def scoring() -> Workflow:
                                       "identity_1": identity, "threshold": 0.3}, "score")
     g.add("PreviewAny", {"source": g.link("score", 1)}, "score_report")
     return Workflow(
-        "08_generate_and_score", "Generate, then score the likeness",
+        "08 Generate and score", "Generate, then score the likeness",
         "Generation followed by FaceStudio Identity Score: how much each generated face looks like the "
         "reference identity (cosine similarity of face embeddings), so settings can be compared by numbers.",
         g,
@@ -534,6 +555,7 @@ def scoring() -> Workflow:
                "reports each one's similarity (a face not found is reported, not an error). Use the same "
                "face analyzer as for encoding. Compare seeds, weights or lora_strength by these numbers.")],
         {"identity_photo": "Photo of the person", "score_report": "Score report"},
+        summary="Generate, then measure how much the generated face looks like the reference (Identity Score).",
     )
 
 
