@@ -4,6 +4,8 @@ from .apply import FaceStudioApply, FaceStudioPerson
 from .face_analyzer import FaceStudioFaceAnalyzerLoader
 from .identity import FaceStudioIdentityEncode, FaceStudioIdentityLoad, FaceStudioIdentityMix, FaceStudioIdentitySave
 from .preview import FaceStudioFacePreview
+from .pulid_flux import (FaceStudioPuLIDFluxApply, FaceStudioPuLIDFluxIdentityEncode, FaceStudioPuLIDFluxLoader,
+                         FaceStudioPuLIDFluxPerson)
 from .regions import FaceStudioRegionMask, FaceStudioRegions
 from .scoring import FaceStudioIdentityScore
 from .style import FaceStudioStyleEncode
@@ -22,4 +24,8 @@ NODE_LIST = [
     FaceStudioRegions,
     FaceStudioRegionMask,
     FaceStudioIdentityScore,
+    FaceStudioPuLIDFluxLoader,
+    FaceStudioPuLIDFluxIdentityEncode,
+    FaceStudioPuLIDFluxPerson,
+    FaceStudioPuLIDFluxApply,
 ]

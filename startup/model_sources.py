@@ -72,6 +72,17 @@ SOURCES: dict[str, ModelSource] = {s.name: s for s in (
                 _HF_IPADAPTER + "sdxl_models/image_encoder/model.safetensors"),
     ModelSource("buffalo_l", "insightface", "https://github.com/deepinsight/insightface/releases/download/v0.7/"
                 "buffalo_l.zip", subfolder="models", how="det_10g.onnx and w600k_r50.onnx are the ones used"),
+    # PuLID-FLUX (FaceStudio Load PuLID-FLUX) and what its identity needs besides.
+    ModelSource("pulid_flux_v0.9.1.safetensors", "pulid",
+                "https://huggingface.co/guozinan/PuLID/resolve/main/pulid_flux_v0.9.1.safetensors"),
+    ModelSource("EVA02_CLIP_L_336_psz14_s6B.pt", "clip_vision",
+                "https://huggingface.co/QuanSun/EVA-CLIP/resolve/main/EVA02_CLIP_L_336_psz14_s6B.pt"),
+    ModelSource("detection_Resnet50_Final.pth", "facexlib",
+                "https://github.com/xinntao/facexlib/releases/download/v0.1.0/detection_Resnet50_Final.pth"),
+    ModelSource("parsing_bisenet.pth", "facexlib",
+                "https://github.com/xinntao/facexlib/releases/download/v0.2.0/parsing_bisenet.pth"),
+    ModelSource("antelopev2", "insightface", "https://github.com/deepinsight/insightface/releases/download/v0.7/"
+                "antelopev2.zip", subfolder="models", how="scrfd_10g_bnkps.onnx and glintr100.onnx are the ones used"),
     ModelSource("v1-5-pruned-emaonly.safetensors", "checkpoints",
                 "https://huggingface.co/stable-diffusion-v1-5/stable-diffusion-v1-5/resolve/main/"
                 "v1-5-pruned-emaonly.safetensors"),

@@ -1,0 +1,161 @@
+"""PuLID-FLUX nodes: load the PuLID-FLUX models, encode an identity, add persons, apply them to a FLUX MODEL."""
+from comfy_api.latest import io
+
+from ..attention.pulid_flux_adapter import PuLIDFluxError
+from ..attention.pulid_flux_apply import add_flux_person, apply_pulid_flux_persons
+from ..encoders.eva_clip import FILE_NAME as EVA_FILE
+from ..encoders.face_parsing import DETECTOR_FILE, PARSER_FILE
+from ..encoders.faces import images_list
+from ..encoders.pulid_flux_identity import encode_pulid_flux_identity, load_pulid_flux_models
+from ..startup.model_folders import CLIP_VISION, FACEXLIB, PULID
+from ..startup.model_sources import missing_file_message
+from .types import FaceStudioFaceAnalyzer
+
+# A PuLIDFlux (encoders/pulid_flux_identity.py): the CA weights, IDFormer, EVA-CLIP and facexlib models, loaded.
+FaceStudioPuLIDFlux = io.Custom("FACESTUDIO_PULID_FLUX")
+# A PuLIDFluxIdentity: one person's PuLID-FLUX ID tokens.
+FaceStudioPuLIDFluxIdentity = io.Custom("FACESTUDIO_PULID_FLUX_IDENTITY")
+# A tuple of attention.flux_patch.FluxPerson, in order (never changed in place).
+FaceStudioPuLIDFluxPersons = io.Custom("FACESTUDIO_PULID_FLUX_PERSONS")
+
+
+def _file_names(folder: str) -> list[str]:
+    import folder_paths
+
+    return folder_paths.get_filename_list(folder) if folder in folder_paths.folder_names_and_paths else []
+
+
+def model_file_path(what: str, folder: str, name: str) -> str:
+    """The full path of `name` in the host's `folder` folders; a PuLIDFluxError saying where to get it when absent."""
+    import folder_paths
+
+    path = folder_paths.get_full_path(folder, name) if name and folder in folder_paths.folder_names_and_paths else None
+    if path is None:
+        entry = folder_paths.folder_names_and_paths.get(folder)
+        raise PuLIDFluxError(missing_file_message(what, name, folder, list(entry[0]) if entry else [],
+                                                  _file_names(folder)))
+    return path
+
+
+class FaceStudioPuLIDFluxLoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="FaceStudioPuLIDFluxLoader",
+            display_name="FaceStudio Load PuLID-FLUX",
+            category="FaceStudio/loaders",
+            description="Loads a PuLID-FLUX file (identity cross-attention and IDFormer) with the EVA-CLIP tower and "
+                        f"facexlib's face detector and parser ({DETECTOR_FILE}, {PARSER_FILE} in models/{FACEXLIB}).",
+            inputs=[
+                io.Combo.Input("pulid_file", options=_file_names(PULID),
+                               tooltip=f"A PuLID-FLUX file from models/{PULID} (pulid_flux_v0.9.1.safetensors), "
+                                       "for FLUX.1 dev or schnell."),
+                io.Combo.Input("eva_clip", options=_file_names(CLIP_VISION),
+                               tooltip=f"EVA02-CLIP-L-14-336 ({EVA_FILE}) from models/{CLIP_VISION}."),
+            ],
+            outputs=[FaceStudioPuLIDFlux.Output(display_name="pulid_flux",
+                                                tooltip="The loaded PuLID-FLUX models, for Encode Identity "
+                                                        "PuLID-FLUX and Apply PuLID-FLUX.")],
+        )
+
+    @classmethod
+    def execute(cls, pulid_file: str, eva_clip: str) -> io.NodeOutput:
+        import comfy.model_management
+
+        paths = (model_file_path("PuLID-FLUX file", PULID, pulid_file),
+                 model_file_path("EVA-CLIP file", CLIP_VISION, eva_clip),
+                 model_file_path("facexlib face detector", FACEXLIB, DETECTOR_FILE),
+                 model_file_path("facexlib face parser", FACEXLIB, PARSER_FILE))
+        return io.NodeOutput(load_pulid_flux_models(*paths, device=comfy.model_management.get_torch_device()))
+
+
+class FaceStudioPuLIDFluxIdentityEncode(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="FaceStudioPuLIDFluxIdentityEncode",
+            display_name="FaceStudio Encode Identity PuLID-FLUX",
+            category="FaceStudio/identity",
+            description="PuLID-FLUX's ID tokens of one person: the largest face's ArcFace embedding (antelopev2) "
+                        "and the EVA-CLIP features of the parsed face, through the IDFormer; several photos are "
+                        "averaged.",
+            inputs=[
+                FaceStudioPuLIDFlux.Input("pulid_flux", tooltip="From FaceStudio Load PuLID-FLUX."),
+                FaceStudioFaceAnalyzer.Input("face_analyzer",
+                                             tooltip="From FaceStudio Load Face Analyzer, with the antelopev2 pack "
+                                                     "(PuLID-FLUX was trained on its glintr100 embeddings)."),
+                io.Image.Input("image", tooltip="One or more photos of the same person (a batch: one photo per "
+                                                "image)."),
+            ],
+            outputs=[
+                FaceStudioPuLIDFluxIdentity.Output(display_name="identity", tooltip="The person's ID tokens."),
+                io.String.Output(display_name="report", tooltip="Photos used and the recognizer."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, pulid_flux, face_analyzer, image) -> io.NodeOutput:
+        import comfy.utils
+
+        photos = images_list(image)
+        bar = comfy.utils.ProgressBar(len(photos))
+        identity = encode_pulid_flux_identity(pulid_flux, face_analyzer, photos,
+                                              progress=lambda done, total: bar.update_absolute(done, total))
+        return io.NodeOutput(identity, identity.report())
+
+
+class FaceStudioPuLIDFluxPerson(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="FaceStudioPuLIDFluxPerson",
+            display_name="FaceStudio Person PuLID-FLUX",
+            category="FaceStudio/apply",
+            description="Adds one person (a PuLID-FLUX identity, optionally confined to a mask) to a PuLID-FLUX "
+                        "person list.",
+            inputs=[
+                FaceStudioPuLIDFluxIdentity.Input("identity", tooltip="From FaceStudio Encode Identity PuLID-FLUX."),
+                io.Float.Input("weight", default=1.0, min=0.0, max=3.0, step=0.05,
+                               tooltip="How strongly the identity acts (the reference's id_weight; 1.0 is its "
+                                       "default). 0 leaves the image as without it."),
+                io.Float.Input("start", default=0.0, min=0.0, max=1.0, step=0.01,
+                               tooltip="Share of the sampling steps after which the person starts acting."),
+                io.Float.Input("end", default=1.0, min=0.0, max=1.0, step=0.01,
+                               tooltip="Share of the sampling steps after which the person stops acting."),
+                FaceStudioPuLIDFluxPersons.Input("persons", optional=True,
+                                                 tooltip="Optional: the persons so far; this one is added after them."),
+                io.Mask.Input("mask", optional=True,
+                              tooltip="Optional: where this person goes (white). Without it, the whole image."),
+                io.Int.Input("mask_index", default=0, min=0, max=63,
+                             tooltip="Which mask of a mask batch belongs to this person."),
+            ],
+            outputs=[FaceStudioPuLIDFluxPersons.Output(display_name="persons",
+                                                       tooltip="The person list with this person added.")],
+        )
+
+    @classmethod
+    def execute(cls, identity, weight: float, start: float, end: float, persons=None, mask=None,
+                mask_index: int = 0) -> io.NodeOutput:
+        return io.NodeOutput(add_flux_person(persons, identity, weight, start, end, mask, mask_index))
+
+
+class FaceStudioPuLIDFluxApply(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="FaceStudioPuLIDFluxApply",
+            display_name="FaceStudio Apply PuLID-FLUX",
+            category="FaceStudio/apply",
+            description="PuLID-FLUX's identity cross-attention on a FLUX.1 model, each person in their own region.",
+            inputs=[
+                io.Model.Input("model", tooltip="A FLUX.1 dev or schnell model (it is cloned; the input stays "
+                                                "unchanged)."),
+                FaceStudioPuLIDFlux.Input("pulid_flux", tooltip="From FaceStudio Load PuLID-FLUX."),
+                FaceStudioPuLIDFluxPersons.Input("persons", tooltip="From FaceStudio Person PuLID-FLUX nodes."),
+            ],
+            outputs=[io.Model.Output(display_name="model", tooltip="The patched model.")],
+        )
+
+    @classmethod
+    def execute(cls, model, pulid_flux, persons) -> io.NodeOutput:
+        return io.NodeOutput(apply_pulid_flux_persons(model, pulid_flux, persons))

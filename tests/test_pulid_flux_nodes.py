@@ -1,0 +1,137 @@
+"""The PuLID-FLUX nodes' execute paths, in-process, on the tiny FLUX model and the seeded PuLID-FLUX files.
+
+A photo (scikit-image's astronaut at 256 px, where both the tiny insightface pack and the seeded
+RetinaFace find a face) -> Encode Identity PuLID-FLUX -> Person PuLID-FLUX -> Apply PuLID-FLUX on
+the tiny FLUX.1 model: sampling changes. Files: facestudio_testing/tiny_flux.py (PuLID-FLUX scaled down
+to the tiny model), pulid_files.py (EVA-CLIP, facexlib), face_models.py (the insightface pack).
+The Loader itself takes only real-layout files, so it is run here on the refusals.
+"""
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from skimage import data
+
+from facestudio_testing import face_models, pulid_files, tiny_flux
+
+LATENT = (1, 16, 16, 16)
+
+
+@pytest.fixture(scope="module")
+def nodes(booted):
+    booted.pack_module("startup.model_folders").register_model_folders()
+    return booted.pack_module("nodes.pulid_flux")
+
+
+@pytest.fixture(scope="module")
+def pulid(booted):
+    """The PuLID-FLUX models as the Loader makes them, from the tiny-layout file (test_layout)."""
+    fx = pulid_files.facexlib_folder()
+    return booted.pack_module("encoders.pulid_flux_identity").load_pulid_flux_models(
+        tiny_flux.pulid_flux_file(), pulid_files.eva_clip_file(), fx / pulid_files.DETECTOR_FILE,
+        fx / pulid_files.BISENET_FILE, test_layout=tiny_flux.tiny_ca_layout())
+
+
+@pytest.fixture(scope="module")
+def analyzer(faces):
+    return faces.load_face_analyzer(face_models.tiny_pack(), providers="cpu")
+
+
+@pytest.fixture(scope="module")
+def photo():
+    rgb = cv2.resize(data.astronaut(), (256, 256), interpolation=cv2.INTER_AREA)
+    return torch.from_numpy(rgb.astype(np.float32) / 255.0)[None]  # a ComfyUI IMAGE [1, H, W, 3]
+
+
+@pytest.fixture(scope="module")
+def flux(booted):
+    return tiny_flux.load_tiny_flux()
+
+
+def sample(model, seed=0):
+    import comfy.sample
+
+    noise = torch.randn(LATENT, generator=torch.Generator().manual_seed(seed))
+    return comfy.sample.sample(model, noise, 2, 1.0, "euler", "simple", tiny_flux.conditioning(1),
+                               tiny_flux.conditioning(2), torch.zeros(LATENT), disable_pbar=True, seed=seed)
+
+
+def test_encode_person_apply_changes_the_output(nodes, pulid, analyzer, photo, flux):
+    identity, report = nodes.FaceStudioPuLIDFluxIdentityEncode.execute(pulid, analyzer, photo).args
+    assert identity.id_tokens.shape == (1, tiny_flux.ID_TOKENS, tiny_flux.TINY_CA["kv_dim"])
+    assert torch.isfinite(identity.id_tokens).all() and "1 photo(s)" in report
+    assert (identity.id_tokens - identity.uncond_tokens).abs().max() > 1e-2  # a face, not the zero inputs
+
+    mask = torch.zeros(2, 16, 16)
+    mask[1, :, :8] = 1.0
+    (persons,) = nodes.FaceStudioPuLIDFluxPerson.execute(identity, 1.0, 0.0, 1.0, mask=mask, mask_index=1).args
+    (persons,) = nodes.FaceStudioPuLIDFluxPerson.execute(identity, 0.7, 0.0, 1.0, persons=persons).args
+    assert len(persons) == 2 and persons[0].mask.shape == (1, 16, 16) and persons[1].mask is None
+
+    (patched,) = nodes.FaceStudioPuLIDFluxApply.execute(flux, pulid, persons).args
+    assert patched is not flux
+    assert not torch.allclose(sample(patched), sample(flux), atol=1e-4)
+
+
+def test_bad_inputs_are_named(nodes, pulid, booted, real, photo):
+    from facestudio_testing import meta_models
+
+    # An SD1.5 model: not FLUX.1.
+    (persons,) = nodes.FaceStudioPuLIDFluxPerson.execute(_identity(booted, pulid), 1.0, 0.0, 1.0).args
+    with pytest.raises(nodes.PuLIDFluxError, match="PuLID for FLUX.1.*FLUX.1 model") as e:
+        nodes.FaceStudioPuLIDFluxApply.execute(meta_models.comfy_model("tiny-sd15"), pulid, persons)
+    print(e.value)
+    # An SD identity, and an SD person list (FaceStudio Person's), on the FLUX nodes.
+    sd_identity = _sd_identity(booted)
+    with pytest.raises(nodes.PuLIDFluxError, match="FaceIdentity.*IP-Adapter.*Encode Identity PuLID-FLUX") as e:
+        nodes.FaceStudioPuLIDFluxPerson.execute(sd_identity, 1.0, 0.0, 1.0)
+    print(e.value)
+    sd_persons = booted.pack_module("attention.persons").add_person(None, sd_identity)
+    with pytest.raises(nodes.PuLIDFluxError, match="person 0 comes from FaceStudio Person.*FaceIdentity") as e:
+        nodes.FaceStudioPuLIDFluxApply.execute(None, pulid, sd_persons)
+    print(e.value)
+    # A recognizer of another width (SFace, 128) than antelopev2's.
+    with pytest.raises(booted.pack_module("encoders.faces").FaceError, match="128-wide.*antelopev2") as e:
+        nodes.FaceStudioPuLIDFluxIdentityEncode.execute(pulid, real, photo)
+    print(e.value)
+    # The Loader: a missing file names the folder and the download; a scaled-down file is refused by name.
+    with pytest.raises(nodes.PuLIDFluxError, match="pulid_flux_v0.9.1.safetensors.*huggingface.co/guozinan") as e:
+        nodes.FaceStudioPuLIDFluxLoader.execute("pulid_flux_v0.9.1.safetensors", pulid_files.EVA_FILE)
+    print(e.value)
+    folder = booted.models / "pulid"
+    folder.mkdir(exist_ok=True)
+    link = folder / "tiny_pulid_flux.safetensors"
+    link.unlink(missing_ok=True)
+    link.symlink_to(tiny_flux.pulid_flux_file())
+    for name, target in ((pulid_files.EVA_FILE, pulid_files.eva_clip_file()),):
+        (booted.models / "clip_vision" / name).unlink(missing_ok=True)
+        (booted.models / "clip_vision" / name).symlink_to(target)
+    (booted.models / "facexlib").mkdir(exist_ok=True)
+    for name in (pulid_files.DETECTOR_FILE, pulid_files.BISENET_FILE):
+        (booted.models / "facexlib" / name).unlink(missing_ok=True)
+        (booted.models / "facexlib" / name).symlink_to(pulid_files.facexlib_folder() / name)
+    import folder_paths
+
+    for key in ("pulid", "clip_vision", "facexlib"):
+        folder_paths.filename_list_cache.pop(key, None)
+    with pytest.raises(nodes.PuLIDFluxError, match="tiny_pulid_flux.safetensors.*identity cross-attention") as e:
+        nodes.FaceStudioPuLIDFluxLoader.execute(link.name, pulid_files.EVA_FILE)
+    print(e.value)
+
+
+def _identity(booted, pulid):
+    m = booted.pack_module("encoders.pulid_flux_identity")
+    return m.PuLIDFluxIdentity(tiny_flux.id_tokens(0), pulid.uncond_tokens, pulid.source, None, 1)
+
+
+def _sd_identity(booted):
+    """A FaceStudio Encode Identity (IP-Adapter) identity: one shot of a 512-wide embedding."""
+    identity = booted.pack_module("encoders.identity")
+    faces = booted.pack_module("encoders.faces")
+    emb = np.ones((1, 512), np.float32)
+    return identity.FaceIdentity(emb * 20, emb / np.sqrt(512), emb[0] / np.sqrt(512),
+                                 faces.RecognizerIdentity("w600k_r50.onnx", "0" * 16, 512),
+                                 np.zeros((1, 224, 224, 3), np.uint8), np.ones(1, np.float32),
+                                 np.zeros((1, 4), np.float32), np.zeros((1, 5, 2), np.float32), (0,), photo_count=1)
