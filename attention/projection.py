@@ -343,9 +343,11 @@ def layer_kv(adapter: IPAdapterWeights, tokens: torch.Tensor) -> list[tuple[torc
 
 
 def layer_kvs(adapter: IPAdapterWeights, token_sets) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
-    """`layer_kv` of several token sets (any T each) in one product per layer. Each layer's fp16 weights
-    become fp32 once, not once per set: per-set casts left ~100 MB per person of freed copies in the
-    allocator, which the process's peak memory kept."""
+    """`layer_kv` of several token sets (any T each). Each layer's fp16 weights become fp32 once, not once
+    per set: per-set casts left ~100 MB per person of freed copies in the allocator, which the process's
+    peak memory kept. One product per set, not one over all sets stacked: a BLAS may sum a row in another
+    order when the product has more rows (MKL on AVX-512 does), and a person's K/V must not depend on who
+    else is in the Apply (a chained Apply equals one Apply with both persons, bit for bit)."""
     shapes = []
     for tokens in token_sets:
         if tokens.ndim != 3 or tokens.shape[-1] != adapter.context_dim:
@@ -353,11 +355,10 @@ def layer_kvs(adapter: IPAdapterWeights, token_sets) -> list[list[tuple[torch.Te
         shapes.append(tuple(tokens.shape[:-1]))
     if not shapes:
         return []
-    x = torch.cat([t.float().reshape(-1, adapter.context_dim) for t in token_sets])
-    sizes = [b * t for b, t in shapes]
+    rows = [t.float().reshape(-1, adapter.context_dim) for t in token_sets]
     out: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in shapes]
     for k, v in adapter.layers:
-        keys, values = (F.linear(x, w.to(x.device, torch.float32)) for w in (k, v))
-        for i, (kp, vp, shape) in enumerate(zip(keys.split(sizes), values.split(sizes), shapes)):
-            out[i].append((kp.reshape(*shape, -1), vp.reshape(*shape, -1)))
+        k, v = (w.to(rows[0].device, torch.float32) for w in (k, v))
+        for i, (x, shape) in enumerate(zip(rows, shapes)):
+            out[i].append((F.linear(x, k).reshape(*shape, -1), F.linear(x, v).reshape(*shape, -1)))
     return out
