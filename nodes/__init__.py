@@ -6,7 +6,7 @@ from .identity import FaceStudioIdentityEncode, FaceStudioIdentityLoad, FaceStud
 from .preview import FaceStudioFacePreview
 from .pulid_flux import (FaceStudioPuLIDFluxApply, FaceStudioPuLIDFluxIdentityEncode, FaceStudioPuLIDFluxLoader,
                          FaceStudioPuLIDFluxPerson)
-from .regions import FaceStudioRegionMask, FaceStudioRegions
+from .regions import FaceStudioRegionMask, FaceStudioRegionPrompt, FaceStudioRegions
 from .scoring import FaceStudioIdentityScore
 from .style import FaceStudioStyleEncode
 
@@ -23,6 +23,7 @@ NODE_LIST = [
     FaceStudioFacePreview,
     FaceStudioRegions,
     FaceStudioRegionMask,
+    FaceStudioRegionPrompt,
     FaceStudioIdentityScore,
     FaceStudioPuLIDFluxLoader,
     FaceStudioPuLIDFluxIdentityEncode,

@@ -1,5 +1,6 @@
 """FaceStudio Regions: one region mask per person, from a layout image's faces, segment masks or a split;
-FaceStudio Region Mask: one person's mask of such a batch, for a per-person prompt."""
+FaceStudio Region Mask: one person's mask of such a batch; FaceStudio Region Prompt: a person's own prompt in
+their region, in one node."""
 import dataclasses
 import logging
 
@@ -8,6 +9,7 @@ from comfy_api.latest import io, ui
 from ..encoders.regions import (FACE_MODES, FEATHER_SHAPES, GROW_DOWN, GROW_UP, GROW_WIDTH, MODES, SEGMENTS,
                                 GrowShape, RegionError, face_regions, region_mask, segment_regions,
                                 split_regions)
+from ..encoders.region_prompts import region_prompt
 from ..inspection.drawing import draw_regions
 from .types import FaceStudioFaceAnalyzer
 
@@ -171,3 +173,48 @@ class FaceStudioRegionMask(io.ComfyNode):
     @classmethod
     def execute(cls, masks, index: int) -> io.NodeOutput:
         return io.NodeOutput(region_mask(masks, index))
+
+
+class FaceStudioRegionPrompt(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="FaceStudioRegionPrompt",
+            display_name="FaceStudio Region Prompt",
+            category="FaceStudio/faces",
+            description="A person's own prompt inside their region: the text encoded with CLIP and limited to mask "
+                        "mask_index of a MASK batch (FaceStudio Regions' masks), added to the conditioning "
+                        "connected (the whole-image prompt, or the previous person's Region Prompt). The same "
+                        "as CLIP Text Encode -> ConditioningSetMask -> ConditioningCombine, in one node.",
+            inputs=[
+                io.Clip.Input("clip", tooltip="The CLIP the text is encoded with: the checkpoint's."),
+                io.String.Input("text", multiline=True, dynamic_prompts=True,
+                                tooltip="What this person looks like or wears: only the image inside their "
+                                        "region follows it."),
+                io.Mask.Input("masks", tooltip="A MASK batch, one mask per person: FaceStudio Regions' masks "
+                                               "(or a segmenter's), the batch FaceStudio Person's mask takes."),
+                io.Int.Input("mask_index", default=0, min=0, max=63,
+                             tooltip="Whose region: the person's number, as FaceStudio Person's mask_index "
+                                     "counts it (0 = the first; in Regions' face modes, the leftmost person)."),
+                io.Float.Input("strength", default=1.0, min=0.0, max=10.0, step=0.01,
+                               tooltip="How strongly the region follows this prompt (ConditioningSetMask's "
+                                       "strength)."),
+                io.Conditioning.Input("conditioning", optional=True,
+                                      tooltip="The prompt this one is added to: the whole-image prompt for the "
+                                              "first person, the previous Region Prompt for the next. Without it, "
+                                              "the output is this region's prompt alone."),
+            ],
+            outputs=[
+                io.Conditioning.Output(display_name="conditioning",
+                                       tooltip="The connected conditioning plus this person's prompt in their "
+                                               "region: into the sampler's positive, or the next Region Prompt."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, clip, text: str, masks, mask_index: int, strength: float, conditioning=None) -> io.NodeOutput:
+        if clip is None:  # a checkpoint without a text encoder gives None here, as CLIP Text Encode says
+            raise RegionError("clip is None: the checkpoint connected has no text encoder; load one (Load CLIP) "
+                              "and connect its CLIP.")
+        encoded = clip.encode_from_tokens_scheduled(clip.tokenize(text))
+        return io.NodeOutput(region_prompt(encoded, masks, mask_index, strength, conditioning))

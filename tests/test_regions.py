@@ -540,6 +540,63 @@ def test_region_mask_node_out_of_range_is_a_clear_error(comfy_host, fixed_segmen
             "make more masks (FaceStudio Regions' count).") in result.error
 
 
+
+# ---- a person's prompt in their region: FaceStudio Region Prompt ----
+REGION_TEXTS = ("a woman with red hair", "a man with a beard")
+
+
+def per_person_prompts_graph(checkpoint: str, one_node: bool) -> graphs.Graph:
+    """The whole-image prompt plus each person's prompt in their column: through FaceStudio Region Prompt
+    (`one_node`), or through the host's own chain, CLIP Text Encode -> Region Mask -> ConditioningSetMask ->
+    ConditioningCombine, which is what it must equal."""
+    g = graphs.txt2img(checkpoint, output="latent", seed=7, steps=2)
+    g.add("FaceStudioRegions", regions_node("columns", 2, width=64, height=64)["inputs"], "regions")
+    combined = g.link("positive")
+    for i, text in enumerate(REGION_TEXTS):
+        if one_node:
+            g.add("FaceStudioRegionPrompt", {"clip": g.clip, "text": text, "masks": g.link("regions"),
+                                             "mask_index": i, "strength": 0.9, "conditioning": combined}, f"c{i}")
+        else:
+            encoded = g.add("CLIPTextEncode", {"text": text, "clip": g.clip})
+            masked = g.add("ConditioningSetMask", {"conditioning": [encoded, 0], "mask": one_mask(g, g.link("regions"), i),
+                                                   "strength": 0.9, "set_cond_area": "default"})
+            g.add("ConditioningCombine", {"conditioning_1": combined, "conditioning_2": [masked, 0]}, f"c{i}")
+        combined = g.link(f"c{i}")
+    g.prompt[g["sampler"]]["inputs"]["positive"] = combined
+    return g
+
+
+def test_region_prompt_equals_the_hosts_three_node_chain(comfy_host, tiny_sd15):
+    outputs = {}
+    for one_node in (True, False):
+        g = per_person_prompts_graph(tiny_sd15, one_node)
+        result = comfy_host.run(g.prompt)
+        assert result.success, result.error
+        outputs[one_node] = (comfy_host.output(result, g["c1"]), comfy_host.output(result, g["sampler"])["samples"])
+    (ours, latent), (chain, chain_latent) = outputs[True], outputs[False]
+    assert len(ours) == len(chain) == 3  # the whole image's prompt, then person 0's and person 1's
+    for (tensor, options), (tensor_chain, options_chain) in zip(ours, chain):
+        assert torch.equal(tensor, tensor_chain)
+        assert options.keys() == options_chain.keys()
+        for key, value in options.items():
+            assert (torch.equal(value, options_chain[key]) if torch.is_tensor(value) else value == options_chain[key]), key
+    assert "mask" not in ours[0][1] and ours[1][1]["mask_strength"] == 0.9 and ours[2][1]["mask"].shape == (1, 64, 64)
+    assert not torch.equal(ours[1][1]["mask"], ours[2][1]["mask"])
+    assert torch.equal(latent, chain_latent)
+
+
+def test_region_prompt_alone_and_its_errors(comfy_host, tiny_sd15):
+    g = per_person_prompts_graph(tiny_sd15, True)
+    del g.prompt[g["c0"]]["inputs"]["conditioning"]  # without conditioning: this region's prompt alone
+    g.set("c1", mask_index=2)
+    result = comfy_host.run(g.prompt)
+    assert not result.success and result.error_node == g["c1"]
+    assert "index 2 is out of range: the mask batch has 2 masks (index 0 to 1)" in result.error
+    g.set("c1", mask_index=1)
+    result = comfy_host.run(g.prompt)
+    assert result.success, result.error
+    assert [bool(options.get("mask") is not None) for _, options in comfy_host.output(result, g["c1"])] == [True, True]
+
 # ------------------------------------------------------------------------------------------------
 # From segment masks (what SAM3 Detect gives with individual_masks on) and person boxes
 # ------------------------------------------------------------------------------------------------

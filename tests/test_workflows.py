@@ -76,7 +76,7 @@ def test_sd15_and_sdxl_workflows_are_both_there():
     assert [n[3:] for n in SDXL_NAMES] == ["SDXL one person", "SDXL two people"]
     two = wd.WORKFLOWS[SDXL_NAMES[1]].prompt.values()
     assert sum(n["class_type"] == "FaceStudioPerson" for n in two) == 2
-    assert sum(n["class_type"] == "ConditioningSetMask" for n in two) == 2  # a prompt per person
+    assert sum(n["class_type"] == "FaceStudioRegionPrompt" for n in two) == 2  # a prompt per person
 
 
 @pytest.mark.frontend

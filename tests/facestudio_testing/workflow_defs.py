@@ -173,22 +173,14 @@ def _apply(g: Graph, persons: list, lora_strength: float = 1.0, alpha: float = 0
     g.prompt[g["sampler"]]["inputs"]["model"] = g.link("apply")
 
 
-def _pick_mask(g: Graph, masks: list, index: int) -> list:
-    """Mask `index` of a MASK batch (FaceStudio Region Mask: what Person's mask_index `index` picks)."""
-    g.add("FaceStudioRegionMask", {"masks": masks, "index": index}, f"mask{index}")
-    return g.link(f"mask{index}")
-
-
 def _regional_prompts(g: Graph, masks: list, texts: tuple[str, ...]) -> None:
-    """Person i's own prompt in region i (ConditioningSetMask), combined with the whole-image prompt."""
+    """Person i's own prompt in region i (FaceStudio Region Prompt, mask_index i), each added to the
+    whole-image prompt in turn."""
     combined = g.link("positive")
     for i, text in enumerate(texts):
-        g.add("CLIPTextEncode", {"text": text, "clip": g.link("checkpoint", 1)}, f"prompt{i}")
-        g.add("ConditioningSetMask", {"conditioning": g.link(f"prompt{i}"), "mask": _pick_mask(g, masks, i),
-                                      "strength": 1.0, "set_cond_area": "default"}, f"prompt{i}_region")
-        g.add("ConditioningCombine", {"conditioning_1": combined, "conditioning_2": g.link(f"prompt{i}_region")},
-              f"combine{i}")
-        combined = g.link(f"combine{i}")
+        g.add("FaceStudioRegionPrompt", {"clip": g.link("checkpoint", 1), "text": text, "masks": masks,
+                                         "mask_index": i, "strength": 1.0, "conditioning": combined}, f"prompt{i}")
+        combined = g.link(f"prompt{i}")
     g.prompt[g["sampler"]]["inputs"]["positive"] = combined
 
 
@@ -316,7 +308,7 @@ TWO_PEOPLE_TITLES = {"identity0_photo": "Photo of person 0 (left)", "identity1_p
                      "prompt1": "Prompt of person 1"}
 
 
-def _two_people_groups(place: str, sample_note: str, pick_note: str = "") -> list[Group]:
+def _two_people_groups(place: str, sample_note: str) -> list[Group]:
     """Groups 3-5 of the two-people workflows (the people, their prompts, Apply and sample); `place` is
     what each person is bound to ("region", "silhouette")."""
     return [
@@ -324,10 +316,9 @@ def _two_people_groups(place: str, sample_note: str, pick_note: str = "") -> lis
                                                   "identity1", "person1"],
               f"Person 0 gets mask_index 0 (left {place}), person 1 mask_index 1 (right)."),
         Group("4. Per-person prompts", COLORS["prompt"],
-              ["positive", "negative", "prompt0", "mask0", "prompt0_region", "combine0", "prompt1", "mask1",
-               "prompt1_region", "combine1"],
-              f"The whole-image prompt plus each person's own prompt inside their {place} "
-              f"(ConditioningSetMask).{pick_note}"),
+              ["positive", "negative", "prompt0", "prompt1"],
+              f"The whole-image prompt, then each person's own prompt inside their {place}: Region Prompt "
+              f"mask_index i, as Person's."),
         Group("5. Apply and sample", COLORS["sample"], ["apply", "latent", "sampler", "decode", "save"],
               f"FaceStudio Apply routes each person's identity to their {place}, in one attention pass. "
               + sample_note)]
@@ -358,8 +349,7 @@ def two_people(number: int = 3, base: str = "SD1.5") -> Workflow:
                "every pixel to the nearest face; 'columns' needs no layout photo. Its preview shows whose "
                "region is where. The layout photo is any picture with the two people placed as you want "
                "them; its aspect ratio should match the latent's."),
-         *_two_people_groups("region", sample_note, " FaceStudio Region Mask takes mask i of the Regions batch "
-                                                    "(index i, as Person's mask_index i).")],
+         *_two_people_groups("region", sample_note)],
         {**TWO_PEOPLE_TITLES, **titles},
         base,
         summary=("SDXL: two people in one image, each face bound to its own region, each with its own prompt, at "
