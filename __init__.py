@@ -10,6 +10,9 @@ from .nodes import NODE_LIST
 from .startup.example_photos import copy_example_photos
 from .startup.model_folders import register_model_folders
 
+# The frontend extension (web/saved_view.js): FaceStudio workflows open at their saved view, also as templates.
+WEB_DIRECTORY = "./web"
+
 
 class FaceStudioExtension(ComfyExtension):
     async def on_load(self) -> None:

@@ -57,6 +57,7 @@ def main() -> int:
                 # The files it loads, with their folders and download URLs, for the Missing Models panels.
                 graph = workflow_defs.add_model_metadata(page.serialize(), workflow.prompt)
                 graph.setdefault("extra", {})["ds"] = workflow_defs.VIEW  # the view it opens at
+                graph["extra"]["facestudio_workflow"] = name  # web/saved_view.js restores it from a template too
                 made[WORKFLOWS / f"{name}.json"] = (json.dumps(graph, indent=2) + "\n").encode()
                 print(f"made {name} ({len(graph['nodes'])} nodes; Fit View at {fit_scale:.2f})")
             if page.errors:

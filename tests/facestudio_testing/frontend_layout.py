@@ -47,11 +47,6 @@ def corners(rect, shown: dict, inset: float = 4.0) -> list[tuple[float, float]]:
     return [(x0, y0), (x1, y0), (x0, y1), (x1, y1)]
 
 
-def hidden_nodes(page, shown: dict) -> list[str]:
-    """Titles of the nodes not wholly on screen (off the canvas, or under a panel or dialog)."""
-    return [n["title"] for n in shown["nodes"] if not all(page.uncovered(corners(n["rect"], shown)))]
-
-
 def first_view_problems(page, workflow: wd.Workflow) -> list[str]:
     """What a user would not see at once when the workflow opens at its saved view: its overview note and
     its first two steps (group title bars and notes), wholly on screen at a readable scale."""
