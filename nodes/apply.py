@@ -6,6 +6,20 @@ from ..attention.patch import add_person, apply_facestudio
 from .types import FaceStudioAdapter, FaceStudioIdentity, FaceStudioPersons, FaceStudioStyle
 
 
+def placement_inputs(persons_type) -> list:
+    """When and where a person acts, and the list they join: the inputs every Person node shares (SD and
+    PuLID-FLUX alike), `persons_type` being that node's person-list socket."""
+    return [
+        io.Float.Input("start", default=0.0, min=0.0, max=1.0, step=0.01,
+                       tooltip="Share of the sampling steps after which the person starts acting."),
+        io.Float.Input("end", default=1.0, min=0.0, max=1.0, step=0.01,
+                       tooltip="Share of the sampling steps after which the person stops acting."),
+        persons_type.Input("persons", optional=True, tooltip="Optional: the persons so far; this one is added after them."),
+        io.Mask.Input("mask", optional=True, tooltip="Optional: where this person goes (white). Without it, the whole image."),
+        io.Int.Input("mask_index", default=0, min=0, max=63, tooltip="Which mask of a mask batch belongs to this person."),
+    ]
+
+
 class FaceStudioPerson(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -18,16 +32,7 @@ class FaceStudioPerson(io.ComfyNode):
                 FaceStudioIdentity.Input("identity", tooltip="The person's identity, from FaceStudio Encode Identity."),
                 io.Float.Input("weight", default=1.0, min=0.0, max=2.0, step=0.01,
                                tooltip="How strongly the identity is applied. 0 leaves the image as without it."),
-                io.Float.Input("start", default=0.0, min=0.0, max=1.0, step=0.01,
-                               tooltip="Share of the sampling steps after which the person starts acting."),
-                io.Float.Input("end", default=1.0, min=0.0, max=1.0, step=0.01,
-                               tooltip="Share of the sampling steps after which the person stops acting."),
-                FaceStudioPersons.Input("persons", optional=True,
-                                        tooltip="Optional: the persons so far; this one is added after them."),
-                io.Mask.Input("mask", optional=True,
-                              tooltip="Optional: where this person goes (white). Without it, the whole image."),
-                io.Int.Input("mask_index", default=0, min=0, max=63,
-                             tooltip="Which mask of a mask batch belongs to this person."),
+                *placement_inputs(FaceStudioPersons),
                 FaceStudioIdentity.Input("negative_identity", optional=True,
                                          tooltip="Optional: an identity to steer this person away from (it replaces "
                                                  "the neutral identity in the negative/unconditional pass)."),

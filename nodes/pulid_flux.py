@@ -9,6 +9,7 @@ from ..encoders.faces import images_list
 from ..encoders.pulid_flux_identity import encode_pulid_flux_identity, load_pulid_flux_models
 from ..startup.model_folders import CLIP_VISION, FACEXLIB, PULID
 from ..startup.model_sources import missing_file_message
+from .apply import placement_inputs
 from .types import FaceStudioFaceAnalyzer
 
 # A PuLIDFlux (encoders/pulid_flux_identity.py): the CA weights, IDFormer, EVA-CLIP and facexlib models, loaded.
@@ -26,15 +27,34 @@ def _file_names(folder: str) -> list[str]:
 
 
 def model_file_path(what: str, folder: str, name: str) -> str:
-    """The full path of `name` in the host's `folder` folders; a PuLIDFluxError saying where to get it when absent."""
+    """The full path of `name` in the host's `folder` folders; a PuLIDFluxError saying where to get it when absent.
+    Only names the folder lists count, so a name cannot reach outside it ('..', an absolute path)."""
     import folder_paths
 
-    path = folder_paths.get_full_path(folder, name) if name and folder in folder_paths.folder_names_and_paths else None
+    listed = _file_names(folder)
+    path = folder_paths.get_full_path(folder, name) if name in listed else None
     if path is None:
         entry = folder_paths.folder_names_and_paths.get(folder)
-        raise PuLIDFluxError(missing_file_message(what, name, folder, list(entry[0]) if entry else [],
-                                                  _file_names(folder)))
+        raise PuLIDFluxError(missing_file_message(what, name, folder, list(entry[0]) if entry else [], listed))
     return path
+
+
+def _loader_files(pulid_file: str, eva_clip: str) -> tuple[tuple[str, str, str], ...]:
+    """(what, folder, name) of every file Load PuLID-FLUX reads."""
+    return (("PuLID-FLUX file", PULID, pulid_file), ("EVA-CLIP file", CLIP_VISION, eva_clip),
+            ("facexlib face detector", FACEXLIB, DETECTOR_FILE), ("facexlib face parser", FACEXLIB, PARSER_FILE))
+
+
+def pulid_flux_files_problem(pulid_file: str, eva_clip: str) -> str | None:
+    """Every file of Load PuLID-FLUX that is not there, each with its folder and where to get it, in one
+    message; None when all are. Checked at validation, with every other missing file of the prompt."""
+    problems = []
+    for what, folder, name in _loader_files(pulid_file, eva_clip):
+        try:
+            model_file_path(what, folder, name)
+        except PuLIDFluxError as e:
+            problems.append(str(e))
+    return "\n".join(problems) or None
 
 
 class FaceStudioPuLIDFluxLoader(io.ComfyNode):
@@ -59,13 +79,16 @@ class FaceStudioPuLIDFluxLoader(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, pulid_file: str, eva_clip: str) -> bool | str:
+        # Taking both combos here makes the host skip its own combo check for them and use this instead, on every
+        # supported host: the four files are named at validation, with every other missing file of the prompt.
+        return pulid_flux_files_problem(pulid_file, eva_clip) or True
+
+    @classmethod
     def execute(cls, pulid_file: str, eva_clip: str) -> io.NodeOutput:
         import comfy.model_management
 
-        paths = (model_file_path("PuLID-FLUX file", PULID, pulid_file),
-                 model_file_path("EVA-CLIP file", CLIP_VISION, eva_clip),
-                 model_file_path("facexlib face detector", FACEXLIB, DETECTOR_FILE),
-                 model_file_path("facexlib face parser", FACEXLIB, PARSER_FILE))
+        paths = tuple(model_file_path(*file) for file in _loader_files(pulid_file, eva_clip))
         return io.NodeOutput(load_pulid_flux_models(*paths, device=comfy.model_management.get_torch_device()))
 
 
@@ -118,16 +141,7 @@ class FaceStudioPuLIDFluxPerson(io.ComfyNode):
                 io.Float.Input("weight", default=1.0, min=0.0, max=3.0, step=0.05,
                                tooltip="How strongly the identity acts (the reference's id_weight; 1.0 is its "
                                        "default). 0 leaves the image as without it."),
-                io.Float.Input("start", default=0.0, min=0.0, max=1.0, step=0.01,
-                               tooltip="Share of the sampling steps after which the person starts acting."),
-                io.Float.Input("end", default=1.0, min=0.0, max=1.0, step=0.01,
-                               tooltip="Share of the sampling steps after which the person stops acting."),
-                FaceStudioPuLIDFluxPersons.Input("persons", optional=True,
-                                                 tooltip="Optional: the persons so far; this one is added after them."),
-                io.Mask.Input("mask", optional=True,
-                              tooltip="Optional: where this person goes (white). Without it, the whole image."),
-                io.Int.Input("mask_index", default=0, min=0, max=63,
-                             tooltip="Which mask of a mask batch belongs to this person."),
+                *placement_inputs(FaceStudioPuLIDFluxPersons),
             ],
             outputs=[FaceStudioPuLIDFluxPersons.Output(display_name="persons",
                                                        tooltip="The person list with this person added.")],

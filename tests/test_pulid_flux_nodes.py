@@ -121,6 +121,37 @@ def test_bad_inputs_are_named(nodes, pulid, booted, real, photo):
     print(e.value)
 
 
+
+def test_missing_files_are_all_named_at_validation(comfy_host, booted):
+    """The host validates Load PuLID-FLUX through its validate_inputs: with none of its files there, one queue
+    names all four, each with its folder and download, before anything runs."""
+    import folder_paths
+
+    for key in ("pulid", "clip_vision", "facexlib"):
+        folder_paths.filename_list_cache.pop(key, None)
+    analyzer = {"class_type": "FaceStudioFaceAnalyzerLoader",
+                "inputs": {"pack": face_models.TINY_PACK, "provider": "CPU", "det_size": 640}}
+    prompt = {"1": {"class_type": "FaceStudioPuLIDFluxLoader",
+                    "inputs": {"pulid_file": "pulid_flux_v0.9.1.safetensors", "eva_clip": "EVA02_CLIP_L_336_missing.pt"}},
+              "2": analyzer, "3": {"class_type": "LoadImage", "inputs": {"image": "none.png"}},
+              "4": {"class_type": "FaceStudioPuLIDFluxIdentityEncode",
+                    "inputs": {"pulid_flux": ["1", 0], "face_analyzer": ["2", 0], "image": ["3", 0]}},
+              "5": {"class_type": "PreviewAny", "inputs": {"source": ["4", 1]}}}
+    present = {name for name in (pulid_files.DETECTOR_FILE, pulid_files.BISENET_FILE)
+               if (booted.models / "facexlib" / name).exists()}
+    result = comfy_host.run(prompt)
+    assert not result.success and result.error_type == "validation"
+    print(result.error)
+    for name, folder in (("pulid_flux_v0.9.1.safetensors", "models/pulid"), ("EVA02_CLIP_L_336_missing.pt",
+                                                                              "models/clip_vision")):
+        assert f"'{name}' in {folder}" in result.error
+    assert "huggingface.co/guozinan/PuLID" in result.error  # the release's download
+    for name in {pulid_files.DETECTOR_FILE, pulid_files.BISENET_FILE} - present:
+        assert f"'{name}' in models/facexlib" in result.error and "github.com/xinntao/facexlib" in result.error
+    # '..' cannot reach a file outside the folder, even one that exists.
+    problem = booted.pack_module("nodes.pulid_flux").pulid_flux_files_problem("../clip_vision/x.pt", "y.pt")
+    assert "'../clip_vision/x.pt' in models/pulid" in problem
+
 def _identity(booted, pulid):
     m = booted.pack_module("encoders.pulid_flux_identity")
     return m.PuLIDFluxIdentity(tiny_flux.id_tokens(0), pulid.uncond_tokens, pulid.source, None, 1)
