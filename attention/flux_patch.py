@@ -270,10 +270,11 @@ def _flux_model(model, weights: PuLIDFluxWeights):
     layout = weights.layout
     expected = layout.modules_for(params.depth, params.depth_single_blocks)
     if params.hidden_size != layout.dim or expected != layout.modules or getattr(params, "global_modulation", False):
-        raise PuLIDFluxError(f"{weights.source} has {layout.modules} identity cross-attentions {layout.dim} wide, made "
-                             f"for FLUX.1's 19 double and 38 single blocks; this FLUX model is {params.hidden_size} wide "
-                             f"with {params.depth} double and {params.depth_single_blocks} single blocks. Connect FLUX.1 "
-                             "dev (or schnell).")
+        raise PuLIDFluxError(f"{weights.source} has {layout.modules} identity cross-attentions {layout.dim} wide (the "
+                             f"public PuLID-FLUX files: 20 at 3072, for FLUX.1's 19 double and 38 single blocks); this "
+                             f"FLUX model is {params.hidden_size} wide with {params.depth} double and "
+                             f"{params.depth_single_blocks} single blocks, which take {expected} at {params.hidden_size}. "
+                             "Connect FLUX.1 dev (or schnell).")
     return diffusion
 
 

@@ -9,8 +9,11 @@ splits them (by the first key component):
   have 19 double and 38 single blocks; CA k follows double block 2k (k < 10), then single block
   4(k - 10).
 
-Anything else is refused with the file's name: other widths (FLUX.2's blocks are wider), other module
-counts, missing or extra keys. Only tests may read a scaled-down layout, through `test_layout`.
+The layout (module count, widths) is read from the tensors, as for the SD adapters, with the
+reference's 128-wide heads; every module must have it. Whether it fits a model is Apply's check
+(flux_patch.check_flux_model): only FLUX.1 (3072 wide, 19 + 38 blocks) takes the public files, and
+FLUX.2 (wider blocks) or any other model is refused there by name. Files that are not whole (missing
+or extra keys, modules that disagree) are refused here with the file's name.
 """
 from __future__ import annotations
 
@@ -21,11 +24,14 @@ import safetensors
 import safetensors.torch
 import torch
 
-__all__ = ["CALayout", "FLUX1_CA_LAYOUT", "PuLIDFluxError", "PuLIDFluxWeights", "load_pulid_flux",
+__all__ = ["CALayout", "FLUX1_CA_LAYOUT", "DIM_HEAD", "PuLIDFluxError", "PuLIDFluxWeights", "load_pulid_flux",
            "pulid_flux_weights", "ENCODER_PREFIX", "CA_PREFIX"]
 
 ENCODER_PREFIX = "pulid_encoder."
 CA_PREFIX = "pulid_ca."
+# PerceiverAttentionCA's head width in every PuLID-FLUX file (the reference's default, FLUX's own head
+# width): the tensors give heads x dim_head, not the split.
+DIM_HEAD = 128
 
 
 class PuLIDFluxError(ValueError):
@@ -83,8 +89,8 @@ class PuLIDFluxWeights:
         return self.ca[0]["to_q.weight"].dtype
 
 
-def load_pulid_flux(path: str, *, test_layout: CALayout | None = None) -> PuLIDFluxWeights:
-    """Read and check a PuLID-FLUX .safetensors. `test_layout`: for tests only (a scaled-down file)."""
+def load_pulid_flux(path: str) -> PuLIDFluxWeights:
+    """Read and check a PuLID-FLUX .safetensors."""
     source = os.path.basename(path)
     if not os.path.isfile(path):
         raise PuLIDFluxError(f"{path} does not exist or is not a file.")
@@ -100,7 +106,21 @@ def load_pulid_flux(path: str, *, test_layout: CALayout | None = None) -> PuLIDF
     except Exception as e:  # SafetensorError and OSError alike: the file is not whole
         raise PuLIDFluxError(f"{source} is truncated or corrupt, or not a safetensors file ({e}). "
                              "Download it again.") from None
-    return pulid_flux_weights(state_dict, source, test_layout=test_layout)
+    return pulid_flux_weights(state_dict, source)
+
+
+def _layout_of(first: dict[str, torch.Tensor], modules: int, source: str) -> CALayout:
+    """The layout pulid_ca.0's tensors say (each module is then checked against it)."""
+    try:
+        dim, id_dim = first["norm2.weight"].shape[0], first["norm1.weight"].shape[0]
+        inner = first["to_q.weight"].shape[0]
+    except KeyError as e:
+        raise PuLIDFluxError(f"{source}: pulid_ca.0 has no {e.args[0]}, which PuLID's PerceiverAttentionCA has: the "
+                             "file is not whole. Download pulid_flux_v0.9.1.safetensors again.") from None
+    if inner % DIM_HEAD:
+        raise PuLIDFluxError(f"{source}: pulid_ca.0.to_q is {inner} wide, not a whole number of PuLID's {DIM_HEAD}-wide "
+                             "heads: it is not a PuLID-FLUX file. Use pulid_flux_v0.9.1.safetensors.")
+    return CALayout(modules=modules, dim=dim, id_dim=id_dim, heads=inner // DIM_HEAD, dim_head=DIM_HEAD)
 
 
 def _check_kind(keys: list[str], source: str) -> None:
@@ -119,14 +139,9 @@ def _check_kind(keys: list[str], source: str) -> None:
                          "pulid_flux_v0.9.1.safetensors from guozinan/PuLID, in models/pulid.")
 
 
-def pulid_flux_weights(state_dict: dict[str, torch.Tensor], source: str, *,
-                       test_layout: CALayout | None = None) -> PuLIDFluxWeights:
-    """Split and check a PuLID-FLUX state dict (tensors on any device, `meta` included).
-
-    `test_layout`: for tests only, the scaled-down layout a test file was written in; every real file
-    is checked against FLUX1_CA_LAYOUT."""
+def pulid_flux_weights(state_dict: dict[str, torch.Tensor], source: str) -> PuLIDFluxWeights:
+    """Split and check a PuLID-FLUX state dict (tensors on any device, `meta` included)."""
     _check_kind(list(state_dict), source)
-    layout = test_layout or FLUX1_CA_LAYOUT
     encoder = {k[len(ENCODER_PREFIX):]: v for k, v in state_dict.items() if k.startswith(ENCODER_PREFIX)}
     ca: dict[int, dict[str, torch.Tensor]] = {}
     others = []
@@ -141,10 +156,11 @@ def pulid_flux_weights(state_dict: dict[str, torch.Tensor], source: str, *,
     if others:
         raise PuLIDFluxError(f"{source} has keys outside pulid_encoder.* and pulid_ca.<n>.* ({others[:3]}): it is "
                              "not a PuLID-FLUX file as the reference writes it. Use pulid_flux_v0.9.1.safetensors.")
-    if sorted(ca) != list(range(layout.modules)):
-        raise PuLIDFluxError(f"{source} has {len(ca)} identity cross-attention modules (pulid_ca.{min(ca)}..{max(ca)}), "
-                             f"but PuLID-FLUX for FLUX.1 has {layout.modules} (pulid_ca.0..{layout.modules - 1}): "
-                             "it was made for another model. Use pulid_flux_v0.9.1.safetensors (FLUX.1 dev).")
+    if sorted(ca) != list(range(len(ca))):
+        missing = sorted(set(range(max(ca) + 1)) - set(ca))
+        raise PuLIDFluxError(f"{source} has identity cross-attention modules pulid_ca.{min(ca)}..{max(ca)} without "
+                             f"pulid_ca.{missing[0]}: the file is not whole. Download pulid_flux_v0.9.1.safetensors again.")
+    layout = _layout_of(ca[0], len(ca), source)
     expected = layout.module_shapes()
     for k in range(layout.modules):
         module = ca[k]
@@ -154,10 +170,8 @@ def pulid_flux_weights(state_dict: dict[str, torch.Tensor], source: str, *,
                                  f"{missing}, unexpected {extra}). Download pulid_flux_v0.9.1.safetensors again.")
         for name, shape in expected.items():
             if tuple(module[name].shape) != shape:
-                dim, id_dim = module["norm2.weight"].shape[0], module["norm1.weight"].shape[0]
                 raise PuLIDFluxError(
-                    f"{source}: pulid_ca.{k}.{name} is {tuple(module[name].shape)}, expected {shape}. Its identity "
-                    f"cross-attention is {dim} wide over {id_dim}-wide ID tokens; PuLID-FLUX for FLUX.1 is "
-                    f"{layout.dim} wide over {layout.id_dim} ({layout.heads} heads of {layout.dim_head}). Other "
-                    "models (FLUX.2 among them) are not supported: use pulid_flux_v0.9.1.safetensors with FLUX.1.")
+                    f"{source}: pulid_ca.{k}.{name} is {tuple(module[name].shape)}, but pulid_ca.0's is {shape}: its "
+                    "identity cross-attention modules disagree, so the file is not whole. Download "
+                    "pulid_flux_v0.9.1.safetensors again.")
     return PuLIDFluxWeights(source, encoder, tuple(ca[k] for k in range(layout.modules)), layout)

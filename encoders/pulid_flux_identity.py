@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from ..attention.idformer import IDFormer, idformer_from_state_dict, unconditional_id_tokens
-from ..attention.pulid_flux_adapter import CALayout, PuLIDFluxWeights, load_pulid_flux
+from ..attention.pulid_flux_adapter import PuLIDFluxWeights, load_pulid_flux
 from .eva_clip import EvaClipVision, load_eva_clip
 from .face_parsing import FaceParser, face_features_image, load_face_parser
 from .faces import FaceAnalyzer, FaceError, RecognizerIdentity, detect_and_embed, to_rgb_uint8
@@ -74,11 +74,9 @@ class PuLIDFluxIdentity:
 
 
 def load_pulid_flux_models(pulid_path: str | Path, eva_path: str | Path, detector_path: str | Path,
-                           parser_path: str | Path, device: torch.device | str = "cpu", *,
-                           test_layout: CALayout | None = None) -> PuLIDFlux:
-    """Load and check every file (the PuLID file first: it is the one most often wrong, and the quickest).
-    `test_layout`: for tests only (a scaled-down PuLID file)."""
-    weights = load_pulid_flux(str(pulid_path), test_layout=test_layout)
+                           parser_path: str | Path, device: torch.device | str = "cpu") -> PuLIDFlux:
+    """Load and check every file (the PuLID file first: it is the one most often wrong, and the quickest)."""
+    weights = load_pulid_flux(str(pulid_path))
     idformer = idformer_from_state_dict(weights.encoder, weights.source, device=device)
     if idformer.output_dim != weights.layout.id_dim:
         raise PuLIDFluxIdentityError(f"{weights.source}: its IDFormer makes {idformer.output_dim}-wide ID tokens but "

@@ -35,7 +35,7 @@ def flux(booted):
 
 @pytest.fixture(scope="module")
 def weights(adapter):
-    return adapter.load_pulid_flux(str(tiny_flux.pulid_flux_file()), test_layout=tiny_flux.tiny_ca_layout())
+    return adapter.load_pulid_flux(str(tiny_flux.pulid_flux_file()))
 
 
 @pytest.fixture(scope="module")
@@ -147,22 +147,40 @@ def test_real_layout_is_read_and_matches_the_reference_modules(adapter):
     assert set(w.encoder) == {k[len("pulid_encoder."):] for k in sd if k.startswith("pulid_encoder.")}
 
 
-@pytest.mark.parametrize("variant, message", [
-    (dict(modules=19), "has 19 identity cross-attention"),
-    (dict(dim=6144), "FLUX.2"),
-    (dict(kv_dim=1024), "over 1024-wide ID tokens"),
+@pytest.mark.parametrize("variant", [dict(modules=19), dict(dim=6144), dict(kv_dim=1024)])
+def test_other_layouts_are_read_from_the_tensors_and_refused_by_apply(fp, adapter, flux, variant):
+    """The file says its layout; whether it fits the MODEL is Apply's check, which names both."""
+    w = adapter.pulid_flux_weights(tiny_flux.real_pulid_flux_state_dict(**variant), "other.safetensors")
+    fields = {"modules": 20, "dim": 3072, "id_dim": 2048, "heads": 16, "dim_head": 128}
+    fields.update({"id_dim" if k == "kv_dim" else k: v for k, v in variant.items()})
+    assert w.layout == adapter.CALayout(**fields)
+    with pytest.raises(fp.PuLIDFluxError, match=r"other.safetensors has \d+ identity cross-attentions.*256 wide"):
+        fp.apply_pulid_flux(flux, w, [fp.FluxPerson(torch.zeros(1, 32, w.layout.id_dim))])
+
+
+def _drop(sd: dict, prefix: str) -> dict:
+    return {k: v for k, v in sd.items() if not k.startswith(prefix)}
+
+
+@pytest.mark.parametrize("broken, message", [
+    (lambda sd: _drop(sd, "pulid_ca.7."), r"pulid_ca.0..19 without pulid_ca.7: the file is not whole"),
+    (lambda sd: {**_drop(sd, "pulid_ca.3."), **{k.replace("pulid_ca.0.", "pulid_ca.3."): v for k, v in
+                                                 tiny_flux.real_pulid_flux_state_dict(1, kv_dim=1024).items()
+                                                 if k.startswith("pulid_ca.0.")}},
+     r"pulid_ca.3.norm1.weight is \(1024,\), but pulid_ca.0's is \(2048,\)"),
+    (lambda sd: _drop(sd, "pulid_ca.5.to_out."), r"pulid_ca.5 has not the keys.*missing \['to_out.weight'\]"),
+    (lambda sd: tiny_flux.real_pulid_flux_state_dict(dim_head=64, heads=3),
+     r"to_q is 192 wide, not a whole number of PuLID's 128-wide heads"),
 ])
-def test_other_layouts_are_refused_naming_the_file(adapter, variant, message):
-    sd = tiny_flux.real_pulid_flux_state_dict(**variant)
+def test_files_that_are_not_whole_are_refused_naming_the_file(adapter, broken, message):
     with pytest.raises(adapter.PuLIDFluxError, match=message) as error:
-        adapter.pulid_flux_weights(sd, "other.safetensors")
+        adapter.pulid_flux_weights(broken(tiny_flux.real_pulid_flux_state_dict()), "other.safetensors")
     assert "other.safetensors" in str(error.value)
 
 
-def test_scaled_down_file_needs_the_test_layout(adapter):
-    path = tiny_flux.pulid_flux_file()
-    with pytest.raises(adapter.PuLIDFluxError, match=path.name):
-        adapter.load_pulid_flux(str(path))
+def test_scaled_down_file_is_read_with_its_own_layout(adapter):
+    w = adapter.load_pulid_flux(str(tiny_flux.pulid_flux_file()))
+    assert w.layout == adapter.CALayout(**tiny_flux.tiny_ca_layout_fields())
 
 
 def test_not_a_pulid_flux_file(adapter, tmp_path):

@@ -26,7 +26,7 @@ import torch
 from . import pulid_flux_reference as reference
 from .tiny_models import cache_dir, cached_file
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 DEFAULT_SEED = 0
 UNET_NAME = "tiny_flux1.safetensors"
 
@@ -35,7 +35,7 @@ TINY_FLUX_PARAMS = dict(in_channels=64, vec_in_dim=32, context_in_dim=64, hidden
                         num_heads=2, depth=3, depth_single_blocks=5, axes_dim=[16, 56, 56], theta=10_000,
                         qkv_bias=True, guidance_embed=True)
 # PerceiverAttentionCA at the tiny width, and 4 of them (ceil(3/2) + ceil(5/4)).
-TINY_CA = dict(dim=256, dim_head=32, heads=2, kv_dim=64)
+TINY_CA = dict(dim=256, dim_head=128, heads=2, kv_dim=64)  # PuLID's 128-wide heads, as every real file
 TINY_CA_MODULES = 4
 TINY_IDFORMER = dict(dim=64, depth=5, dim_head=16, heads=4, num_id_token=5, num_queries=32, output_dim=64)
 ID_TOKENS = 32
@@ -155,20 +155,17 @@ def _pulid_layout(ca: dict, modules: int, idformer: dict) -> dict[str, tuple[str
 
 
 def pulid_flux_file(seed: int = DEFAULT_SEED) -> Path:
-    """A PuLID-FLUX file scaled down to the tiny model (read it with test_layout=tiny_ca_layout())."""
+    """A PuLID-FLUX file scaled down to the tiny model (the loader reads its layout from the tensors)."""
     spec = _spec(seed, "pulid_flux")
     path = cache_dir() / f"tiny_pulid_flux-v{GENERATOR_VERSION}-seed{seed}-{_hash(spec)}.safetensors"
     return cached_file(path, lambda: _filled(_pulid_layout(TINY_CA, TINY_CA_MODULES, TINY_IDFORMER), seed, PULID_DTYPE),
                        {"facestudio_tiny_pulid_flux": json.dumps(spec, sort_keys=True)})
 
 
-def tiny_ca_layout():
-    """The adapter's CALayout for pulid_flux_file(), from the same numbers the file was written with."""
-    from .bootstrap import boot
-
-    layout = boot().pack_module("attention.pulid_flux_adapter").CALayout
-    return layout(modules=TINY_CA_MODULES, dim=TINY_CA["dim"], id_dim=TINY_CA["kv_dim"], heads=TINY_CA["heads"],
-                  dim_head=TINY_CA["dim_head"])
+def tiny_ca_layout_fields() -> dict:
+    """The CALayout fields pulid_flux_file() was written with (modules, widths, heads)."""
+    return dict(modules=TINY_CA_MODULES, dim=TINY_CA["dim"], id_dim=TINY_CA["kv_dim"], heads=TINY_CA["heads"],
+                dim_head=TINY_CA["dim_head"])
 
 
 def real_pulid_flux_state_dict(modules: int = 20, **ca) -> dict[str, torch.Tensor]:
