@@ -63,7 +63,8 @@ def tiles(workflow) -> list[tuple[str, str, str]]:
         downstream = feeds(node_id)
         if "FaceStudioRegions" in downstream and regions_mode != "segments":
             how = "regions"
-        elif downstream & {"FaceStudioIdentityEncode", "SAM3_Detect", "FaceStudioRegions"}:
+        elif downstream & {"FaceStudioIdentityEncode", "FaceStudioPuLIDFluxIdentityEncode", "SAM3_Detect",
+                            "FaceStudioRegions"}:
             how = "faces"
         else:
             how = "plain"

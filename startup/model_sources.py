@@ -83,6 +83,16 @@ SOURCES: dict[str, ModelSource] = {s.name: s for s in (
                 "https://github.com/xinntao/facexlib/releases/download/v0.2.0/parsing_bisenet.pth"),
     ModelSource("antelopev2", "insightface", "https://github.com/deepinsight/insightface/releases/download/v0.7/"
                 "antelopev2.zip", subfolder="models", how="scrfd_10g_bnkps.onnx and glintr100.onnx are the ones used"),
+    # FLUX.1 dev as ComfyUI's FLUX examples load it (the dev weights are gated: accept the licence on the page
+    # first); the VAE is the same file in the Apache-2.0 schnell release, which is not gated.
+    ModelSource("flux1-dev.safetensors", "diffusion_models",
+                "https://huggingface.co/black-forest-labs/FLUX.1-dev/resolve/main/flux1-dev.safetensors"),
+    ModelSource("t5xxl_fp16.safetensors", "text_encoders",
+                "https://huggingface.co/comfyanonymous/flux_text_encoders/resolve/main/t5xxl_fp16.safetensors"),
+    ModelSource("clip_l.safetensors", "text_encoders",
+                "https://huggingface.co/comfyanonymous/flux_text_encoders/resolve/main/clip_l.safetensors"),
+    ModelSource("ae.safetensors", "vae",
+                "https://huggingface.co/black-forest-labs/FLUX.1-schnell/resolve/main/ae.safetensors"),
     ModelSource("v1-5-pruned-emaonly.safetensors", "checkpoints",
                 "https://huggingface.co/stable-diffusion-v1-5/stable-diffusion-v1-5/resolve/main/"
                 "v1-5-pruned-emaonly.safetensors"),

@@ -33,6 +33,7 @@ WORKFLOWS_DIR = PACK_ROOT / "workflows"
 NAMES = sorted(wd.WORKFLOWS)
 SD15_NAMES = [n for n in NAMES if wd.WORKFLOWS[n].base == "SD1.5"]
 SDXL_NAMES = [n for n in NAMES if wd.WORKFLOWS[n].base == "SDXL"]
+FLUX_NAMES = [n for n in NAMES if wd.WORKFLOWS[n].base == "FLUX"]
 # Where the frontend test saves each workflow's screenshot (scripts/update_pictures.sh sets it).
 # The public model names of each base: (checkpoint, FaceID / style adapters).
 PUBLIC_NAMES = {"SD1.5": (wd.CHECKPOINT, (wd.FACEID_PLUS_V2, wd.STYLE_ADAPTER)),
@@ -56,27 +57,42 @@ def test_definition_uses_public_model_names_and_has_every_node_in_a_group(name):
     workflow = wd.WORKFLOWS[name]
     workflow.layout()  # raises for a node in no group
     widgets = {(n["class_type"], k): v for n in workflow.prompt.values() for k, v in n["inputs"].items()}
-    checkpoint, adapters = PUBLIC_NAMES[workflow.base]
     checkpoints = [n["inputs"]["ckpt_name"] for n in workflow.prompt.values()
                    if n["class_type"] == "CheckpointLoaderSimple"]
-    assert checkpoints[0] == checkpoint and set(checkpoints[1:]) <= {wd.SAM3_CHECKPOINT}, checkpoints
-    assert all(n["inputs"]["adapter_name"] in adapters for n in workflow.prompt.values()
-               if n["class_type"] == "FaceStudioAdapterLoader")
-    assert widgets[("FaceStudioFaceAnalyzerLoader", "pack")] == wd.FACE_PACK
+    if workflow.base == "FLUX":  # FLUX.1 dev as ComfyUI's FLUX examples load it, PuLID-FLUX, antelopev2
+        assert set(checkpoints) <= {wd.SAM3_CHECKPOINT}, checkpoints
+        assert (widgets[("UNETLoader", "unet_name")], widgets[("DualCLIPLoader", "clip_name1")],
+                widgets[("DualCLIPLoader", "clip_name2")], widgets[("DualCLIPLoader", "type")],
+                widgets[("VAELoader", "vae_name")]) == (wd.FLUX_UNET, wd.FLUX_T5, wd.FLUX_CLIP_L, "flux", wd.FLUX_VAE)
+        assert (widgets[("FaceStudioPuLIDFluxLoader", "pulid_file")],
+                widgets[("FaceStudioPuLIDFluxLoader", "eva_clip")]) == (wd.PULID_FLUX, wd.EVA_CLIP)
+        assert widgets[("FaceStudioFaceAnalyzerLoader", "pack")] == wd.FLUX_FACE_PACK
+        assert widgets[("KSampler", "cfg")] == 1.0 and widgets[("FluxGuidance", "guidance")] == 3.5
+    else:
+        checkpoint, adapters = PUBLIC_NAMES[workflow.base]
+        assert checkpoints[0] == checkpoint and set(checkpoints[1:]) <= {wd.SAM3_CHECKPOINT}, checkpoints
+        assert all(n["inputs"]["adapter_name"] in adapters for n in workflow.prompt.values()
+                   if n["class_type"] == "FaceStudioAdapterLoader")
+        assert widgets[("FaceStudioFaceAnalyzerLoader", "pack")] == wd.FACE_PACK
     assert all(g.note.strip() for g in workflow.groups)
-    if workflow.base == "SDXL":  # SDXL's sizes: about one megapixel, multiples of 64
-        width, height = widgets[("EmptyLatentImage", "width")], widgets[("EmptyLatentImage", "height")]
+    if workflow.base in ("SDXL", "FLUX"):  # their sizes: about one megapixel, multiples of 64
+        latent = "EmptySD3LatentImage" if workflow.base == "FLUX" else "EmptyLatentImage"
+        width, height = widgets[(latent, "width")], widgets[(latent, "height")]
         assert width % 64 == 0 and height % 64 == 0 and 0.9 <= width * height / 1024**2 <= 1.1, (width, height)
 
 
-def test_sd15_and_sdxl_workflows_are_both_there():
-    """Each use on SD1.5, and on SDXL the one-person and the two-people-in-regions workflows."""
+def test_sd15_sdxl_and_flux_workflows_are_there():
+    """Each use on SD1.5; on SDXL the one-person and the two-people-in-regions workflows; on FLUX.1 (PuLID-FLUX)
+    those two and two people in SAM3 silhouettes."""
     assert len(SD15_NAMES) == 9  # the eight uses, and two people in SAM3 silhouettes (v0.33 on)
-    assert [n for n in NAMES if wd.WORKFLOWS[n].requires] == ["11 Two people with SAM3"]
+    assert [n for n in NAMES if wd.WORKFLOWS[n].requires] == ["11 Two people with SAM3", "14 FLUX two people, SAM3"]
     assert [n[3:] for n in SDXL_NAMES] == ["SDXL one person", "SDXL two people"]
-    two = wd.WORKFLOWS[SDXL_NAMES[1]].prompt.values()
-    assert sum(n["class_type"] == "FaceStudioPerson" for n in two) == 2
-    assert sum(n["class_type"] == "FaceStudioRegionPrompt" for n in two) == 2  # a prompt per person
+    assert [n[3:] for n in FLUX_NAMES] == ["FLUX one person", "FLUX two people", "FLUX two people, SAM3"]
+    for two, person in ((SDXL_NAMES[1], "FaceStudioPerson"), (FLUX_NAMES[1], "FaceStudioPuLIDFluxPerson"),
+                        (FLUX_NAMES[2], "FaceStudioPuLIDFluxPerson")):
+        nodes = wd.WORKFLOWS[two].prompt.values()
+        assert sum(n["class_type"] == person for n in nodes) == 2
+        assert sum(n["class_type"] == "FaceStudioRegionPrompt" for n in nodes) == 2  # a prompt per person
 
 
 @pytest.mark.frontend
@@ -204,14 +220,16 @@ def test_runs_in_the_server_on_tiny_models(installed, name):
     for node in prompt.values():
         if node["class_type"] == "KSampler":
             node["inputs"]["seed"] = int.from_bytes(name.encode()[:4], "little")
-    # On SDXL, FaceStudio Apply refuses the SDXL adapter unless the checkpoint loads as SDXL (context 2048).
+    # On SDXL, FaceStudio Apply refuses the SDXL adapter unless the checkpoint loads as SDXL (context 2048); on
+    # FLUX, Apply PuLID-FLUX refuses the PuLID file unless UNETLoader read the tiny FLUX's width from its tensors.
     entry = installed.run(prompt, timeout=600)
     assert execution_error(entry) is None, f"{name}: {execution_error(entry)}"
     save = workflow.graph["save"]
     images = entry["outputs"][save]["images"]
     assert len(images) == 1
     image = Image.open(io.BytesIO(installed.view(images[0]["filename"], images[0]["subfolder"])))
-    expected = (64, 64) if any(n["class_type"] == "EmptyLatentImage" for n in prompt.values()) else (768, 512)
+    expected = ((64, 64) if any(n["class_type"] in ("EmptyLatentImage", "EmptySD3LatentImage") for n in prompt.values())
+                else (768, 512))
     assert image.size == expected
     if "report" in workflow.graph.nodes:  # the multi-shot report
         report = text_output(entry, workflow.graph["report"])

@@ -4,8 +4,10 @@ No FLUX or PuLID weights can be downloaded here, so the tests make their own, in
 layouts taken from an independent source, the reference's modules built on the meta device:
 - the FLUX model: PuLID's flux/model.py (Black Forest Labs' FLUX code, whose key names FLUX.1 dev's
   single-file release uses, RMSNorm weights as `.scale`), at width 256 (2 heads of 128: the host
-  derives the heads from the width over sum(axes_dim) = 128), 3 double and 5 single blocks, a 64-wide
-  text context and a 32-wide pooled vector. The host's own loader (comfy.sd.load_diffusion_model)
+  derives the heads from the width over sum(axes_dim) = 128), 3 double and 5 single blocks, reading
+  CLIP-L's 768-wide states and pooled vector (clip_l_file(): the host's CLIPLoader encodes for it).
+- its VAE: a taef1 (TAESD with FLUX's 16 latent channels and scale/shift) under `taesd_*` keys, which
+  the host's VAELoader reads from any file in models/vae (vae_file()). The host's own loader (comfy.sd.load_diffusion_model)
   reads every size back from the tensors (on v0.33; see load_tiny_flux for older hosts).
 - PuLID-FLUX: `pulid_ca.<k>.*` from PuLID's PerceiverAttentionCA and `pulid_encoder.*` from its IDFormer.
   `pulid_flux_file()` is scaled down to the tiny model (4 CA modules: after double blocks 0, 2 and single
@@ -31,7 +33,9 @@ DEFAULT_SEED = 0
 UNET_NAME = "tiny_flux1.safetensors"
 
 # FluxParams of the reference's FLUX.1 (flux/util.py configs), shrunk; in_channels is 16 latent channels x 2x2.
-TINY_FLUX_PARAMS = dict(in_channels=64, vec_in_dim=32, context_in_dim=64, hidden_size=256, mlp_ratio=4.0,
+# Its text widths are CLIP-L's (768 states, 768 pooled): FLUX's T5-XXL (4.7B parameters, a fixed config in the
+# host) has no small form, so the workflow tests encode their prompts with the host's own CLIP-L loader instead.
+TINY_FLUX_PARAMS = dict(in_channels=64, vec_in_dim=768, context_in_dim=768, hidden_size=256, mlp_ratio=4.0,
                         num_heads=2, depth=3, depth_single_blocks=5, axes_dim=[16, 56, 56], theta=10_000,
                         qkv_bias=True, guidance_embed=True)
 # PerceiverAttentionCA at the tiny width, and 4 of them (ceil(3/2) + ceil(5/4)).
@@ -142,6 +146,47 @@ def conditioning(seed: int = 0, text_tokens: int = 8, guidance: float = 3.5) -> 
     context = torch.randn(1, text_tokens, TINY_FLUX_PARAMS["context_in_dim"], generator=g)
     pooled = torch.randn(1, TINY_FLUX_PARAMS["vec_in_dim"], generator=g)
     return [[context, {"pooled_output": pooled, "guidance": guidance}]]
+
+
+# --- text encoder and VAE for the workflows -------------------------------------------------------------
+TAEF1_SCALARS = {"vae_scale": 0.3611, "vae_shift": 0.1159}  # FLUX's latent scale and shift, as taef1's
+
+
+def clip_l_file(seed: int = 0) -> Path:
+    """CLIP-L as FLUX's clip_l.safetensors stores it (HF CLIPTextModel keys, `text_model.*`): the tiny SD1.5
+    checkpoint's text encoder, the same seeded tensors."""
+    from . import tiny_models
+
+    spec = {"what": "clip_l", "checkpoint": tiny_models.spec_hash(seed)}
+    path = cache_dir() / f"clip_l-seed{seed}-{_hash(spec)}.safetensors"
+
+    def make():
+        tensors = tiny_models.state_dict(seed, prefixes=(tiny_models.CLIP_PREFIX,))
+        return {"text_model." + k[len(tiny_models.CLIP_PREFIX):]: v for k, v in tensors.items()}
+
+    return cached_file(path, make, {"facestudio_clip_l": json.dumps(spec, sort_keys=True)})
+
+
+def vae_file(seed: int = 0) -> Path:
+    """A seeded taef1 (TAESD, 16 latent channels) as a models/vae file: the host builds a TAESD from its keys."""
+    import comfy.taesd.taesd
+
+    from . import tiny_models
+
+    spec = {"what": "taef1", "seed": seed, "scalars": TAEF1_SCALARS, "generator": GENERATOR_VERSION}
+    path = cache_dir() / f"taef1-seed{seed}-{_hash(spec)}.safetensors"
+
+    def make():
+        with torch.device("meta"):
+            module = comfy.taesd.taesd.TAESD(latent_channels=16)
+        out = {}
+        for key, (kind, shape) in tiny_models._kinds(module).items():
+            name = key.rsplit(".", 1)[-1]
+            out[key] = (torch.full(shape, TAEF1_SCALARS[name]) if kind == "scalar"
+                        else tiny_models._fill(key, kind, shape, seed)).to(torch.float16)
+        return out
+
+    return cached_file(path, make, {"facestudio_taef1": json.dumps(spec, sort_keys=True)})
 
 
 # --- PuLID-FLUX files --------------------------------------------------------------------------------

@@ -32,6 +32,15 @@ SDXL_CHECKPOINT = "sd_xl_base_1.0.safetensors"
 FACEID_PLUS_V2_SDXL = "ip-adapter-faceid-plusv2_sdxl.bin"
 FACEID_PLUS_V2_SDXL_LORA = "ip-adapter-faceid-plusv2_sdxl_lora.safetensors"  # found by Apply in models/loras
 SAM3_CHECKPOINT = "sam3.1_multiplex_fp16.safetensors"  # Comfy-Org/sam3.1, as the host's SAM3 blueprints load it
+# FLUX.1 dev as ComfyUI's own FLUX examples load it (diffusion model, the two text encoders, the VAE), and
+# PuLID-FLUX with what its identity needs (antelopev2, EVA-CLIP; facexlib's two files are the Loader's own).
+FLUX_UNET = "flux1-dev.safetensors"
+FLUX_T5 = "t5xxl_fp16.safetensors"
+FLUX_CLIP_L = "clip_l.safetensors"
+FLUX_VAE = "ae.safetensors"
+PULID_FLUX = "pulid_flux_v0.9.1.safetensors"
+EVA_CLIP = "EVA02_CLIP_L_336_psz14_s6B.pt"
+FLUX_FACE_PACK = "antelopev2"
 # Pictures the workflows load from ComfyUI's input folder: the pack's example_photos/, which it copies
 # there when the host loads it (startup/example_photos.py); the user picks their own.
 PHOTO, PHOTO_2, PHOTO_3 = "facestudio_person.jpg", "facestudio_person_2.jpg", "facestudio_person_3.jpg"
@@ -76,7 +85,7 @@ class Workflow:
     graph: Graph
     groups: list[Group] = field(default_factory=list)
     titles: dict[str, str] = field(default_factory=dict)  # named node -> title shown
-    base: str = "SD1.5"  # "SD1.5" or "SDXL": the checkpoint and adapters it is made for
+    base: str = "SD1.5"  # "SD1.5", "SDXL" or "FLUX": the model and adapters it is made for
     # Host node types it needs beyond the core's and the pack's (e.g. SAM3_Detect, ComfyUI 0.33 on): the
     # tests skip it on hosts without them, and do not run it on the tiny test models (no weights for those).
     requires: tuple[str, ...] = ()
@@ -396,6 +405,164 @@ def two_people_sam3(number: int = 11) -> Workflow:
     )
 
 
+# --- FLUX.1 with PuLID-FLUX -----------------------------------------------------------------------
+FLUX_MODELS_NOTE = (f"Models. FLUX.1 dev: {FLUX_UNET} in models/diffusion_models, {FLUX_T5} and {FLUX_CLIP_L} in "
+                    f"models/text_encoders, {FLUX_VAE} in models/vae. PuLID-FLUX: {PULID_FLUX} in models/pulid, "
+                    f"EVA-CLIP {EVA_CLIP} in models/clip_vision, facexlib's detection_Resnet50_Final.pth and "
+                    "parsing_bisenet.pth in models/facexlib. Face analyzer: the insightface pack "
+                    f"'{FLUX_FACE_PACK}' in models/insightface/models (PuLID-FLUX was trained on its embeddings).")
+FLUX_SAMPLE_NOTE = ("Sampling. FLUX.1 dev takes its guidance from FluxGuidance (3.5), so cfg stays 1.0 and the "
+                    "negative prompt is unused; euler / simple, 20 steps, about one megapixel. weight 0.8-1.2 "
+                    "trades likeness against prompt freedom; start 0 to end 1 is the whole schedule.")
+FLUX_TITLES = {"unet": "FLUX.1 dev (diffusion model)", "text_encoders": "Text encoders (T5-XXL, CLIP-L)",
+               "vae": "FLUX VAE", "pulid": "PuLID-FLUX", "positive": "Prompt (whole image)",
+               "negative": "Negative (unused at cfg 1)"}
+
+
+def _flux_base(positive: str, width: int, height: int, seed: int = 42, steps: int = 20) -> Graph:
+    """FLUX.1 dev as ComfyUI's own FLUX example graph: diffusion model, dual text encoders, VAE, FluxGuidance
+    3.5 on the prompt, cfg 1.0 (so the negative, the prompt zeroed, is unused), euler / simple."""
+    g = Graph()
+    g.add("UNETLoader", {"unet_name": FLUX_UNET, "weight_dtype": "default"}, "unet")
+    g.add("DualCLIPLoader", {"clip_name1": FLUX_T5, "clip_name2": FLUX_CLIP_L, "type": "flux", "device": "default"},
+          "text_encoders")
+    g.add("VAELoader", {"vae_name": FLUX_VAE}, "vae")
+    g.add("CLIPTextEncode", {"text": positive, "clip": g.link("text_encoders")}, "positive")
+    g.add("FluxGuidance", {"conditioning": g.link("positive"), "guidance": 3.5}, "guidance")
+    g.add("ConditioningZeroOut", {"conditioning": g.link("positive")}, "negative")
+    g.add("EmptySD3LatentImage", {"width": width, "height": height, "batch_size": 1}, "latent")
+    g.add("KSampler", {"model": g.link("unet"), "positive": g.link("guidance"), "negative": g.link("negative"),
+                       "latent_image": g.link("latent"), "seed": seed, "steps": steps, "cfg": 1.0,
+                       "sampler_name": "euler", "scheduler": "simple", "denoise": 1.0}, "sampler")
+    g.add("VAEDecode", {"samples": g.link("sampler"), "vae": g.link("vae")}, "decode")
+    g.add("SaveImage", {"images": g.link("decode"), "filename_prefix": "FaceStudio_FLUX"}, "save")
+    g.add("FaceStudioPuLIDFluxLoader", {"pulid_file": PULID_FLUX, "eva_clip": EVA_CLIP}, "pulid")
+    g.add("FaceStudioFaceAnalyzerLoader", {"pack": FLUX_FACE_PACK, "provider": "auto", "det_size": 640}, "analyzer")
+    return g
+
+
+def _flux_person(g: Graph, name: str, photo: str, persons: list | None = None, masks: list | None = None,
+                 mask_index: int = 0) -> list:
+    g.add("LoadImage", {"image": photo}, f"{name}_photo")
+    g.add("FaceStudioPuLIDFluxIdentityEncode", {"pulid_flux": g.link("pulid"), "face_analyzer": g.link("analyzer"),
+                                                "image": g.link(f"{name}_photo")}, f"{name}_identity")
+    inputs = {"identity": g.link(f"{name}_identity"), "weight": 1.0, "start": 0.0, "end": 1.0,
+              "mask_index": mask_index}
+    if persons is not None:
+        inputs["persons"] = persons
+    if masks is not None:
+        inputs["mask"] = masks
+    g.add("FaceStudioPuLIDFluxPerson", inputs, name)
+    return g.link(name)
+
+
+def _flux_apply(g: Graph, persons: list) -> None:
+    g.add("FaceStudioPuLIDFluxApply", {"model": g.link("unet"), "pulid_flux": g.link("pulid"), "persons": persons},
+          "apply")
+    g.prompt[g["sampler"]]["inputs"]["model"] = g.link("apply")
+
+
+FLUX_MODEL_GROUP = ["unet", "text_encoders", "vae", "pulid", "analyzer"]
+
+
+def flux_one_person(number: int = 12) -> Workflow:
+    g = _flux_base("a photo of a person in a leather jacket on a city street at night, neon lights, 35mm",
+                   1024, 1024)
+    _flux_apply(g, _flux_person(g, "person", PHOTO))
+    return Workflow(
+        f"{number:02d} FLUX one person", "FLUX - One person from one photo",
+        "One person from one photo on FLUX.1 dev, with PuLID-FLUX: the face's ArcFace embedding (antelopev2) and "
+        "its EVA-CLIP features become 32 ID tokens that PuLID's identity cross-attention adds to FLUX's image "
+        "tokens. Put a clear photo of one face in ComfyUI's input folder and pick it in Load Image.",
+        g,
+        [Group("1. Models", COLORS["models"], FLUX_MODEL_GROUP, FLUX_MODELS_NOTE),
+         Group("2. The person", COLORS["faces"], ["person_photo", "person_identity", "person"],
+               "The person. Encode Identity PuLID-FLUX takes the largest face of the photo (several photos in "
+               "one batch are averaged). Person PuLID-FLUX says who and where (no mask = the whole image)."),
+         Group("3. Prompt and apply", COLORS["prompt"], ["positive", "guidance", "negative", "apply"],
+               "Apply PuLID-FLUX patches a clone of the FLUX model through the host's block replacements: after "
+               "every second double block and every fourth single block, the image tokens attend to the ID "
+               "tokens."),
+         Group("4. Sample", COLORS["sample"], ["latent", "sampler", "decode", "save"], FLUX_SAMPLE_NOTE)],
+        {**FLUX_TITLES, "person_photo": "Photo of the person"},
+        "FLUX",
+        summary="FLUX.1: your face photo and a prompt make an image of that person (PuLID-FLUX).",
+    )
+
+
+def flux_two_people(number: int = 13, sam3: bool = False) -> Workflow:
+    width, height = 1216, 832
+    g = _flux_base("two friends standing side by side in a park, autumn, golden hour, photo", width, height)
+    g.add("LoadImage", {"image": LAYOUT}, "layout")
+    segments = None
+    if sam3:
+        g.add("CheckpointLoaderSimple", {"ckpt_name": SAM3_CHECKPOINT}, "sam3")
+        g.add("CLIPTextEncode", {"text": "person:2", "clip": g.link("sam3", 1)}, "sam3_prompt")
+        g.add("SAM3_Detect", {"model": g.link("sam3"), "image": g.link("layout"),
+                              "conditioning": g.link("sam3_prompt"), "threshold": 0.5, "refine_iterations": 2,
+                              "individual_masks": True}, "segment")
+        segments = g.link("segment")
+    g.add("FaceStudioRegions", {"mode": "segments" if sam3 else "grow", "count": 2, "image": g.link("layout"),
+                                "face_analyzer": g.link("analyzer"), "width": width, "height": height,
+                                "feather": 8 if sam3 else 32, "feather_shape": "gaussian", "grow_width": 3.0,
+                                "grow_up": 0.5, "grow_down": 3.0, "size_weighted": False, "grid_columns": 0,
+                                **({"segments": segments} if sam3 else {})}, "regions")
+    persons = _flux_person(g, "person0", PHOTO, masks=g.link("regions"), mask_index=0)
+    persons = _flux_person(g, "person1", OTHER_PHOTO, persons, masks=g.link("regions"), mask_index=1)
+    _flux_apply(g, persons)
+    combined = g.link("positive")
+    for i, text in enumerate(("a woman with long red hair, green coat", "a man with a beard, blue denim jacket")):
+        g.add("FaceStudioRegionPrompt", {"clip": g.link("text_encoders"), "text": text, "masks": g.link("regions"),
+                                         "mask_index": i, "strength": 1.0, "conditioning": combined}, f"prompt{i}")
+        combined = g.link(f"prompt{i}")
+    g.prompt[g["guidance"]]["inputs"]["conditioning"] = combined
+    place = "silhouette" if sam3 else "region"
+    if sam3:
+        name, title = f"{number:02d} FLUX two people, SAM3", "FLUX - Two people, each in their own silhouette (SAM3)"
+        layout_group = Group(
+            "2. Silhouettes", COLORS["check"], ["layout", "sam3_prompt", "segment", "regions"],
+            "SAM3 Detect finds the people of the layout photo ('person:2': up to two) with individual_masks on. "
+            "FaceStudio Regions 'segments' matches each mask to the face in it and numbers them left to right "
+            "(mask 0 = left). The layout photo's aspect ratio should match the latent's.")
+        models = Group("1. Models", COLORS["models"], [*FLUX_MODEL_GROUP, "sam3"],
+                       FLUX_MODELS_NOTE + f" SAM3: {SAM3_CHECKPOINT} (Comfy-Org/sam3.1) in models/checkpoints.")
+        summary = "FLUX.1: two people, each face bound to their own SAM3 silhouette (ComfyUI 0.33 or later)."
+        extra_titles = {"sam3": "SAM3 (segmentation)", "sam3_prompt": "What to segment", "segment": "SAM3 Detect"}
+    else:
+        name, title = f"{number:02d} FLUX two people", "FLUX - Two people, each in their own region"
+        layout_group = Group(
+            "2. Regions", COLORS["check"], ["layout", "regions"],
+            "FaceStudio Regions: one mask per person from the layout photo's faces, numbered left to right (mask 0 "
+            "= left); 'grow' grows each face box to head and upper body. Its preview shows whose region is where. "
+            "The layout photo's aspect ratio should match the latent's.")
+        models = Group("1. Models", COLORS["models"], FLUX_MODEL_GROUP, FLUX_MODELS_NOTE)
+        summary = "FLUX.1: two people in one image, each face bound to its own region, each with its own prompt."
+        extra_titles = {}
+    return Workflow(
+        name, title,
+        f"Two people in one FLUX.1 image, each bound to a {place}: FaceStudio's multi-identity attention on "
+        f"PuLID-FLUX, where FLUX's image tokens inside person i's {place} attend only to person i's ID tokens, all "
+        "persons in one routed pass. Each person also gets their own prompt in their " + place + "."
+        + (" Needs ComfyUI 0.33 or later (SAM3 Detect)." if sam3 else ""),
+        g,
+        [models, layout_group,
+         Group("3. The people", COLORS["faces"], ["person0_photo", "person0_identity", "person0", "person1_photo",
+                                                  "person1_identity", "person1"],
+               f"Person 0 gets mask_index 0 (left {place}), person 1 mask_index 1 (right)."),
+         Group("4. Per-person prompts", COLORS["prompt"], ["positive", "prompt0", "prompt1", "guidance", "negative"],
+               f"The whole-image prompt, then each person's own prompt inside their {place} (Region Prompt "
+               "mask_index i, as Person's), then FluxGuidance."),
+         Group("5. Apply and sample", COLORS["sample"], ["apply", "latent", "sampler", "decode", "save"],
+               f"Apply PuLID-FLUX routes each person's ID tokens to their {place}. " + FLUX_SAMPLE_NOTE)],
+        {**FLUX_TITLES, "person0_photo": "Photo of person 0 (left)", "person1_photo": "Photo of person 1 (right)",
+         "layout": "Layout photo (two people)", "prompt0": "Prompt of person 0", "prompt1": "Prompt of person 1",
+         **extra_titles},
+        "FLUX",
+        requires=("SAM3_Detect",) if sam3 else (),
+        summary=summary,
+    )
+
+
 def multi_shot() -> Workflow:
     g = _base("a photo of a person hiking in the mountains, backpack, sunny day")
     _face_models(g)
@@ -551,7 +718,8 @@ def scoring() -> Workflow:
 
 WORKFLOWS = {w.name: w for w in (one_person(), stylized_portrait(), two_people(), multi_shot(), identity_mix(),
                                  controlnet_lora(), image_to_image(), scoring(),
-                                 one_person(9, "SDXL"), two_people(10, "SDXL"), two_people_sam3())}
+                                 one_person(9, "SDXL"), two_people(10, "SDXL"), two_people_sam3(),
+                                 flux_one_person(), flux_two_people(), flux_two_people(14, sam3=True))}
 
 # --- model metadata: what the frontends' Missing Models panels read -------------------------------
 # The loader inputs that name a model file, with the host folder each reads. Frontend 1.48 lists a
@@ -563,7 +731,11 @@ MODEL_INPUTS = {("CheckpointLoaderSimple", "ckpt_name"): "checkpoints",
                 ("CLIPVisionLoader", "clip_name"): "clip_vision",
                 ("FaceStudioAdapterLoader", "adapter_name"): "ipadapter",
                 ("ControlNetLoader", "control_net_name"): "controlnet", ("LoraLoader", "lora_name"): "loras",
-                ("FaceStudioFaceAnalyzerLoader", "pack"): "insightface"}
+                ("FaceStudioFaceAnalyzerLoader", "pack"): "insightface",
+                ("UNETLoader", "unet_name"): "diffusion_models", ("DualCLIPLoader", "clip_name1"): "text_encoders",
+                ("DualCLIPLoader", "clip_name2"): "text_encoders", ("VAELoader", "vae_name"): "vae",
+                ("FaceStudioPuLIDFluxLoader", "pulid_file"): "pulid",
+                ("FaceStudioPuLIDFluxLoader", "eva_clip"): "clip_vision"}
 
 
 def _model_sources():
@@ -640,13 +812,21 @@ def prompt_differences(expected: dict, got: dict) -> list[str]:
 
 
 # Sizes and steps the tests lower for speed on CPU (the only changes they make before running).
-TEST_OVERRIDES = {"EmptyLatentImage": {"width": 64, "height": 64}, "KSampler": {"steps": 2}}
+TEST_OVERRIDES = {"EmptyLatentImage": {"width": 64, "height": 64}, "EmptySD3LatentImage": {"width": 64, "height": 64},
+                  "KSampler": {"steps": 2}}
+# Nodes the tests replace: FLUX's T5-XXL cannot be made small (the host's T5 config is fixed at 4.7B
+# parameters), so the FLUX text encoders' loader becomes the host's CLIP-L loader on the same clip_l file,
+# whose states and pooled vector the tiny FLUX reads (CLIP Text Encode and everything after are unchanged).
+TEST_SWAPS = {"DualCLIPLoader": lambda inputs: ("CLIPLoader", {"clip_name": inputs["clip_name2"],
+                                                               "type": "stable_diffusion", "device": inputs["device"]})}
 
 
 def with_test_overrides(prompt: dict) -> dict:
-    """A copy of `prompt` with TEST_OVERRIDES applied (nothing else changes)."""
+    """A copy of `prompt` with TEST_OVERRIDES and TEST_SWAPS applied (nothing else changes)."""
     out = {}
     for node_id, node in prompt.items():
-        inputs = {**node["inputs"], **TEST_OVERRIDES.get(node["class_type"], {})}
-        out[node_id] = {**node, "inputs": inputs}
+        class_type, inputs = node["class_type"], {**node["inputs"], **TEST_OVERRIDES.get(node["class_type"], {})}
+        if class_type in TEST_SWAPS:
+            class_type, inputs = TEST_SWAPS[class_type](inputs)
+        out[node_id] = {**node, "class_type": class_type, "inputs": inputs}
     return out

@@ -1,8 +1,11 @@
 """The small test models under the bundled workflows' public file names, in a server's models folder.
 
 The files the workflows load (workflow_defs: checkpoints, adapters, CLIP vision, the insightface pack,
-ControlNet, LoRA), each generated small in the release's own format: a user who has the real files runs
-the same workflow unchanged.
+ControlNet, LoRA; FLUX.1 with its text encoders and VAE, PuLID-FLUX with EVA-CLIP and facexlib's files),
+each generated small in the release's own format: a user who has the real files runs the same workflow
+unchanged. One exception: FLUX's T5-XXL has no small form the host loads (its config is fixed at 4.7B
+parameters), so the FLUX runs encode with CLIP-L alone (workflow_defs.TEST_SWAPS) and the T5 name holds
+the CLIP-L file only so that the frontend lists it; nothing loads it.
 """
 from __future__ import annotations
 
@@ -12,7 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from . import adapter_files as af
-from . import clip_models, tiny_controlnet, tiny_models, tiny_sdxl
+from . import clip_models, pulid_files, tiny_controlnet, tiny_flux, tiny_models, tiny_sdxl
 from . import face_models as fm
 from . import workflow_defs as wd
 
@@ -44,3 +47,15 @@ def install(models: Path, tiny_sd15_file: Path) -> None:
                      af.adapter_state_dict("faceid-plus", af.SDXL, seed=5, layer_widths=tiny_sdxl.WIDTHS,
                                            resampler_dim=tiny_sdxl.CONTEXT, clip_hidden=VITL_HIDDEN,
                                            resampler_depth=1, resampler_heads=1, ff_mult=1))
+    # FLUX.1 and PuLID-FLUX: the tiny FLUX (CLIP-L's text widths), CLIP-L, a taef1-format VAE, PuLID-FLUX scaled
+    # down to the tiny FLUX, the EVA-CLIP tower and facexlib's two files at their real sizes, the face pack as
+    # antelopev2 (its recognizer is 512 wide, as glintr100).
+    tiny_models.link_model(tiny_flux.tiny_flux_file(), models, "diffusion_models", wd.FLUX_UNET)
+    tiny_models.link_model(tiny_flux.clip_l_file(), models, "text_encoders", wd.FLUX_CLIP_L)
+    tiny_models.link_model(tiny_flux.clip_l_file(), models, "text_encoders", wd.FLUX_T5)  # listed, never loaded
+    tiny_models.link_model(tiny_flux.vae_file(), models, "vae", wd.FLUX_VAE)
+    tiny_models.link_model(tiny_flux.pulid_flux_file(), models, "pulid", wd.PULID_FLUX)
+    tiny_models.link_model(pulid_files.eva_clip_file(), models, "clip_vision", wd.EVA_CLIP)
+    for name in (pulid_files.DETECTOR_FILE, pulid_files.BISENET_FILE):
+        tiny_models.link_model(pulid_files.facexlib_folder() / name, models, "facexlib", name)
+    tiny_models.link_model(fm.tiny_pack(), models, "insightface/models", wd.FLUX_FACE_PACK)
