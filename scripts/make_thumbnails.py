@@ -27,7 +27,7 @@ from facestudio_testing.server import ComfyServer, execution_error  # noqa: E402
 
 SIZE = 512
 BACKGROUND, INK, MUTED = (24, 26, 30), (240, 240, 240), (170, 176, 186)
-ACCENT = {"SD1.5": (63, 120, 158), "SDXL": (161, 48, 155)}
+ACCENT = {"SD1.5": (63, 120, 158), "SDXL": (161, 48, 155), "FLUX": (46, 125, 80)}
 
 
 def font(size: int):
