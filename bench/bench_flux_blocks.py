@@ -105,8 +105,9 @@ def ca_weights(modules: int, dtype):
         else:
             filled[key] = torch.randn(t.shape, generator=generator) * t.shape[-1] ** -0.5
         filled[key] = filled[key].to(dtype)  # as a file in the model's dtype: no cast per call
-    layout = adapter.CALayout(modules=modules)  # the real widths; only the count is the bench's
-    return adapter.pulid_flux_weights(filled, "random-pulid-flux.safetensors", test_layout=layout)
+    weights = adapter.pulid_flux_weights(filled, "random-pulid-flux.safetensors")
+    assert weights.layout == adapter.CALayout(modules=modules)  # the real widths; only the count is the bench's
+    return weights
 
 
 def run(size: int, text: int, rounds: int, counts: list[int], device: str) -> None:

@@ -27,15 +27,21 @@ NAMES = sorted(wd.WORKFLOWS)
 FOLDERS = {("CheckpointLoaderSimple", "ckpt_name"): "checkpoints", ("CLIPVisionLoader", "clip_name"): "clip_vision",
            ("ControlNetLoader", "control_net_name"): "controlnet", ("LoraLoader", "lora_name"): "loras",
            ("FaceStudioAdapterLoader", "adapter_name"): "ipadapter",
-           ("FaceStudioFaceAnalyzerLoader", "pack"): "insightface"}
-PACK_LOADERS = {"FaceStudioAdapterLoader", "FaceStudioFaceAnalyzerLoader"}
+           ("FaceStudioFaceAnalyzerLoader", "pack"): "insightface",
+           ("UNETLoader", "unet_name"): "diffusion_models", ("DualCLIPLoader", "clip_name1"): "text_encoders",
+           ("DualCLIPLoader", "clip_name2"): "text_encoders", ("VAELoader", "vae_name"): "vae",
+           ("FaceStudioPuLIDFluxLoader", "pulid_file"): "pulid", ("FaceStudioPuLIDFluxLoader", "eva_clip"): "clip_vision"}
+PACK_LOADERS = {"FaceStudioAdapterLoader", "FaceStudioFaceAnalyzerLoader", "FaceStudioPuLIDFluxLoader"}
+# The files Load PuLID-FLUX reads besides its two widgets (facexlib's detector and parser, facexlib's releases).
+PULID_FLUX_FILES = (("detection_Resnet50_Final.pth", "facexlib"), ("parsing_bisenet.pth", "facexlib"))
 # Where the public releases are downloaded from.
 HOSTS = {"huggingface.co", "github.com", "civitai.com"}
 
 
 def needed_files(prompt: dict) -> list[tuple[str, str, str, str]]:
-    """(node id, input, file, folder) of every file the workflow loads, and for a FaceID adapter the
-    LoRA FaceStudio Apply looks for beside it ('<adapter>_lora.safetensors' in loras; Portrait has none)."""
+    """(node id, input, file, folder) of every file the workflow loads, for a FaceID adapter the LoRA
+    FaceStudio Apply looks for beside it ('<adapter>_lora.safetensors' in loras; Portrait has none), and
+    for Load PuLID-FLUX facexlib's two files (under its pulid_file input)."""
     out = []
     for node_id, node in prompt.items():
         for (class_type, key), folder in FOLDERS.items():
@@ -44,6 +50,8 @@ def needed_files(prompt: dict) -> list[tuple[str, str, str, str]]:
                 out.append((node_id, key, name, folder))
                 if class_type == "FaceStudioAdapterLoader" and "faceid" in name and "portrait" not in name:
                     out.append((node_id, key, name.rsplit(".", 1)[0] + "_lora.safetensors", "loras"))
+                if (class_type, key) == ("FaceStudioPuLIDFluxLoader", "pulid_file"):
+                    out += [(node_id, key, file, where) for file, where in PULID_FLUX_FILES]
     return out
 
 
