@@ -9,7 +9,7 @@ from PIL import Image
 
 from facestudio_testing import graphs, tiny_models
 from facestudio_testing.bootstrap import PACK_LINK_NAME
-from facestudio_testing.server import execution_error
+from facestudio_testing.server import ANSI_ESCAPE, execution_error
 
 
 @pytest.mark.smoke
@@ -57,6 +57,10 @@ def test_startup_log_shows_the_pack_loaded_without_import_errors(comfy_server):
         or "comfy_entrypoint in" in line  # the host's other entrypoint complaints
     ]
     assert not failures, "\n".join(failures)
+    # Nothing error-looking on a normal start (hosts from about 0.3.70 tag each line with its level).
+    tagged = [ANSI_ESCAPE.sub("", line) for line in comfy_server.log().splitlines()]
+    errors = [line for line in tagged if line.startswith(("[ERROR]", "[CRITICAL]")) or line.startswith("Traceback")]
+    assert not errors, "\n".join(errors)
     # The host's "Import times for custom nodes" list names every pack it loaded.
     assert "Import times for custom nodes:" in log
     assert re.search(rf"^\s*\d+\.\d seconds: \S*{pack_path}\s*$", log, re.MULTILINE), log[-3000:]

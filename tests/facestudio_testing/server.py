@@ -48,7 +48,8 @@ class ComfyServer:
         log = open(self.log_path, "wb")
         self.process = subprocess.Popen(
             [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
-             "--base-directory", str(self.base), "--use-pytorch-cross-attention", "--disable-auto-launch"],
+             "--base-directory", str(self.base), "--use-pytorch-cross-attention", "--disable-auto-launch",
+             *self._own_database()],
             cwd=host_dir(), stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )
         deadline = time.monotonic() + self.startup_timeout
@@ -62,6 +63,15 @@ class ComfyServer:
                 time.sleep(0.25)
         self.stop()
         raise RuntimeError(f"ComfyUI did not answer within {self.startup_timeout}s:\n{self.log()[-4000:]}")
+
+    def _own_database(self) -> list[str]:
+        """Hosts with a database (v0.33) keep it in <host>/user/comfyui.db whatever --base-directory says, and
+        a second server on the same host cannot take its lock ("Failed to initialize database"): each test
+        server gets its own, in its base directory."""
+        if "--database-url" not in (Path(host_dir()) / "comfy" / "cli_args.py").read_text():
+            return []
+        (self.base / "user").mkdir(parents=True, exist_ok=True)
+        return ["--database-url", f"sqlite:///{self.base / 'user' / 'comfyui.db'}"]
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:
