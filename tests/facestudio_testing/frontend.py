@@ -243,24 +243,43 @@ class Frontend:
     def template_cards(self) -> list[dict]:
         """The browser's cards in the order shown: name (from the card's test id), the title shown and
         whether it is cut off (an ellipsis or clamped lines), and the thumbnail's natural size (0 when it
-        did not load). Each card is scrolled into view first, as lazily loaded thumbnails need."""
-        cards, shown = self.page.locator(TEMPLATE_CARD), []
-        for i in range(cards.count()):
-            cards.nth(i).scroll_into_view_if_needed()
-            try:  # an image not yet in view has no src at all (and counts as complete)
-                self.page.wait_for_function(
-                    "(card) => { const i = card.querySelector('img'); return i && i.src && i.complete && i.naturalWidth; }",
-                    arg=cards.nth(i).element_handle(), timeout=10_000)
-            except Exception as error:  # playwright's TimeoutError: reported as a 0x0 thumbnail
-                if "Timeout" not in type(error).__name__:
-                    raise
-            # Read while in view: 1.27 empties the images of cards scrolled away.
-            shown.append(cards.nth(i).evaluate(TEMPLATE_CARD_JS))
-        return shown
+        did not load). Each card is scrolled into view first, as lazily loaded thumbnails need; the grid
+        is scrolled on until no new card appears (1.27 renders only the rows near the view)."""
+        cards, shown, seen = self.page.locator(TEMPLATE_CARD), [], set()
+        while True:
+            new = 0
+            for i in range(cards.count()):
+                card = cards.nth(i)
+                name = card.get_attribute("data-testid")
+                if name in seen:
+                    continue
+                seen.add(name)
+                new += 1
+                card.scroll_into_view_if_needed()
+                try:  # an image not yet in view has no src at all (and counts as complete)
+                    self.page.wait_for_function(
+                        "(card) => { const i = card.querySelector('img'); return i && i.src && i.complete && i.naturalWidth; }",
+                        arg=card.element_handle(), timeout=10_000)
+                except Exception as error:  # playwright's TimeoutError: reported as a 0x0 thumbnail
+                    if "Timeout" not in type(error).__name__:
+                        raise
+                # Read while in view: 1.27 empties the images of cards scrolled away.
+                shown.append(card.evaluate(TEMPLATE_CARD_JS))
+            if not new:
+                return shown
+            cards.last.scroll_into_view_if_needed()
+            self.page.wait_for_timeout(300)
 
     def open_template(self, name: str) -> None:
-        """Clicks `name`'s card; returns when the browser has closed and its graph is on the canvas."""
-        self.page.locator(f'[data-testid="template-workflow-{name}"]').click()
+        """Clicks `name`'s card (scrolling the grid down to it, as a user does); returns when the browser
+        has closed and its graph is on the canvas."""
+        card = self.page.locator(f'[data-testid="template-workflow-{name}"]')
+        for _ in range(20):
+            if card.count():
+                break
+            self.page.locator(TEMPLATE_CARD).last.scroll_into_view_if_needed()
+            self.page.wait_for_timeout(300)
+        card.click()
         self.page.wait_for_function(f"() => !document.querySelector('{TEMPLATE_CARD}') && app.graph.nodes.length > 0")
         self.page.wait_for_timeout(500)
 
