@@ -163,13 +163,17 @@ def _photo_identity(g: Graph, name: str, photo: str) -> list:
 
 def _person(g: Graph, name: str, identity: list, persons: list | None = None, masks: list | None = None,
             mask_index: int = 0, weight: float = 1.0) -> list:
-    inputs = {"identity": identity, "weight": weight, "start": 0.0, "end": 1.0, "mask_index": mask_index,
-              "faceid_v2_weight": 1.0}
+    return _add_person(g, "FaceStudioPerson", name, {"identity": identity, "weight": weight, "start": 0.0, "end": 1.0,
+                                                     "mask_index": mask_index, "faceid_v2_weight": 1.0}, persons, masks)
+
+
+def _add_person(g: Graph, class_type: str, name: str, inputs: dict, persons: list | None, masks: list | None) -> list:
+    """A Person node (SD's or PuLID-FLUX's) with its optional person list and masks connected."""
     if persons is not None:
         inputs["persons"] = persons
     if masks is not None:
         inputs["mask"] = masks
-    g.add("FaceStudioPerson", inputs, name)
+    g.add(class_type, inputs, name)
     return g.link(name)
 
 
@@ -182,15 +186,26 @@ def _apply(g: Graph, persons: list, lora_strength: float = 1.0, alpha: float = 0
     g.prompt[g["sampler"]]["inputs"]["model"] = g.link("apply")
 
 
-def _regional_prompts(g: Graph, masks: list, texts: tuple[str, ...]) -> None:
+def _regional_prompts(g: Graph, masks: list, texts: tuple[str, ...], clip: list | None = None,
+                      into: tuple[str, str] = ("sampler", "positive")) -> None:
     """Person i's own prompt in region i (FaceStudio Region Prompt, mask_index i), each added to the
-    whole-image prompt in turn."""
+    whole-image prompt in turn; the result goes to node `into[0]`'s input `into[1]`."""
     combined = g.link("positive")
     for i, text in enumerate(texts):
-        g.add("FaceStudioRegionPrompt", {"clip": g.link("checkpoint", 1), "text": text, "masks": masks,
+        g.add("FaceStudioRegionPrompt", {"clip": clip or g.link("checkpoint", 1), "text": text, "masks": masks,
                                          "mask_index": i, "strength": 1.0, "conditioning": combined}, f"prompt{i}")
         combined = g.link(f"prompt{i}")
-    g.prompt[g["sampler"]]["inputs"]["positive"] = combined
+    g.prompt[g[into[0]]]["inputs"][into[1]] = combined
+
+
+def _sam3_segments(g: Graph) -> list:
+    """SAM3 Detect on the layout photo, one mask per person (its own checkpoint and prompt)."""
+    g.add("CheckpointLoaderSimple", {"ckpt_name": SAM3_CHECKPOINT}, "sam3")
+    # SAM3 Detect keeps one detection per prompt unless it says how many: "person:2" for two.
+    g.add("CLIPTextEncode", {"text": "person:2", "clip": g.link("sam3", 1)}, "sam3_prompt")
+    g.add("SAM3_Detect", {"model": g.link("sam3"), "image": g.link("layout"), "conditioning": g.link("sam3_prompt"),
+                          "threshold": 0.5, "refine_iterations": 2, "individual_masks": True}, "segment")
+    return g.link("segment")
 
 
 def _two_people_in_regions(g: Graph, mode: str, image: list, width: int, height: int, feather: int,
@@ -312,6 +327,7 @@ def stylized_portrait() -> Workflow:
     )
 
 
+TWO_PEOPLE_PROMPTS = ("a woman with long red hair, green coat", "a man with a beard, blue denim jacket")
 TWO_PEOPLE_TITLES = {"identity0_photo": "Photo of person 0 (left)", "identity1_photo": "Photo of person 1 (right)",
                      "layout": "Layout photo (two people)", "prompt0": "Prompt of person 0",
                      "prompt1": "Prompt of person 1"}
@@ -342,8 +358,7 @@ def two_people(number: int = 3, base: str = "SD1.5") -> Workflow:
     _face_models(g, adapter)
     g.add("LoadImage", {"image": LAYOUT}, "layout")
     _two_people_in_regions(g, "grow", g.link("layout"), width, height, feather, size_weighted=False)
-    _regional_prompts(g, g.link("regions"), ("a woman with long red hair, green coat",
-                                             "a man with a beard, blue denim jacket"))
+    _regional_prompts(g, g.link("regions"), TWO_PEOPLE_PROMPTS)
     return Workflow(
         f"{number:02d} {short}two people" if short else f"{number:02d} Two people in regions", f"{title}Two people, each in their own region",
         f"Two people in one image{on}, each bound to a region: FaceStudio's multi-identity attention, where the "
@@ -372,16 +387,10 @@ def two_people_sam3(number: int = 11) -> Workflow:
     hosts and do not run it: no SAM3 weights exist for tests, test_regions.py routes real mask batches)."""
     g = _base("two friends standing side by side in a park, autumn, golden hour, photo", width=768, height=512)
     _face_models(g)
-    g.add("CheckpointLoaderSimple", {"ckpt_name": SAM3_CHECKPOINT}, "sam3")
     g.add("LoadImage", {"image": LAYOUT}, "layout")
-    # SAM3 Detect keeps one detection per prompt unless it says how many: "person:2" for two.
-    g.add("CLIPTextEncode", {"text": "person:2", "clip": g.link("sam3", 1)}, "sam3_prompt")
-    g.add("SAM3_Detect", {"model": g.link("sam3"), "image": g.link("layout"), "conditioning": g.link("sam3_prompt"),
-                          "threshold": 0.5, "refine_iterations": 2, "individual_masks": True}, "segment")
     _two_people_in_regions(g, "segments", g.link("layout"), 768, 512, 8, size_weighted=False,
-                           segments=g.link("segment"))
-    _regional_prompts(g, g.link("regions"), ("a woman with long red hair, green coat",
-                                             "a man with a beard, blue denim jacket"))
+                           segments=_sam3_segments(g))
+    _regional_prompts(g, g.link("regions"), TWO_PEOPLE_PROMPTS)
     return Workflow(
         f"{number:02d} Two people with SAM3", "Two people, each in their own silhouette (SAM3)",
         "Two people in one image, each bound to their own silhouette: SAM3 segments the people of a layout "
@@ -446,14 +455,9 @@ def _flux_person(g: Graph, name: str, photo: str, persons: list | None = None, m
     g.add("LoadImage", {"image": photo}, f"{name}_photo")
     g.add("FaceStudioPuLIDFluxIdentityEncode", {"pulid_flux": g.link("pulid"), "face_analyzer": g.link("analyzer"),
                                                 "image": g.link(f"{name}_photo")}, f"{name}_identity")
-    inputs = {"identity": g.link(f"{name}_identity"), "weight": 1.0, "start": 0.0, "end": 1.0,
-              "mask_index": mask_index}
-    if persons is not None:
-        inputs["persons"] = persons
-    if masks is not None:
-        inputs["mask"] = masks
-    g.add("FaceStudioPuLIDFluxPerson", inputs, name)
-    return g.link(name)
+    return _add_person(g, "FaceStudioPuLIDFluxPerson", name, {"identity": g.link(f"{name}_identity"), "weight": 1.0,
+                                                              "start": 0.0, "end": 1.0, "mask_index": mask_index},
+                       persons, masks)
 
 
 def _flux_apply(g: Graph, persons: list) -> None:
@@ -496,12 +500,7 @@ def flux_two_people(number: int = 13, sam3: bool = False) -> Workflow:
     g.add("LoadImage", {"image": LAYOUT}, "layout")
     segments = None
     if sam3:
-        g.add("CheckpointLoaderSimple", {"ckpt_name": SAM3_CHECKPOINT}, "sam3")
-        g.add("CLIPTextEncode", {"text": "person:2", "clip": g.link("sam3", 1)}, "sam3_prompt")
-        g.add("SAM3_Detect", {"model": g.link("sam3"), "image": g.link("layout"),
-                              "conditioning": g.link("sam3_prompt"), "threshold": 0.5, "refine_iterations": 2,
-                              "individual_masks": True}, "segment")
-        segments = g.link("segment")
+        segments = _sam3_segments(g)
     g.add("FaceStudioRegions", {"mode": "segments" if sam3 else "grow", "count": 2, "image": g.link("layout"),
                                 "face_analyzer": g.link("analyzer"), "width": width, "height": height,
                                 "feather": 8 if sam3 else 32, "feather_shape": "gaussian", "grow_width": 3.0,
@@ -510,12 +509,8 @@ def flux_two_people(number: int = 13, sam3: bool = False) -> Workflow:
     persons = _flux_person(g, "person0", PHOTO, masks=g.link("regions"), mask_index=0)
     persons = _flux_person(g, "person1", OTHER_PHOTO, persons, masks=g.link("regions"), mask_index=1)
     _flux_apply(g, persons)
-    combined = g.link("positive")
-    for i, text in enumerate(("a woman with long red hair, green coat", "a man with a beard, blue denim jacket")):
-        g.add("FaceStudioRegionPrompt", {"clip": g.link("text_encoders"), "text": text, "masks": g.link("regions"),
-                                         "mask_index": i, "strength": 1.0, "conditioning": combined}, f"prompt{i}")
-        combined = g.link(f"prompt{i}")
-    g.prompt[g["guidance"]]["inputs"]["conditioning"] = combined
+    _regional_prompts(g, g.link("regions"), TWO_PEOPLE_PROMPTS, clip=g.link("text_encoders"),
+                      into=("guidance", "conditioning"))
     place = "silhouette" if sam3 else "region"
     if sam3:
         name, title = f"{number:02d} FLUX two people, SAM3", "FLUX - Two people, each in their own silhouette (SAM3)"
