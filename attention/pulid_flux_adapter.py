@@ -11,7 +11,7 @@ splits them (by the first key component):
 
 The layout (module count, widths) is read from the tensors, as for the SD adapters, with the
 reference's 128-wide heads; every module must have it. Whether it fits a model is Apply's check
-(flux_patch.check_flux_model): only FLUX.1 (3072 wide, 19 + 38 blocks) takes the public files, and
+(flux_patch._flux_model): only FLUX.1 (3072 wide, 19 + 38 blocks) takes the public files, and
 FLUX.2 (wider blocks) or any other model is refused there by name. Files that are not whole (missing
 or extra keys, modules that disagree) are refused here with the file's name.
 """
