@@ -96,17 +96,21 @@ class TokenStore(torch.nn.Module):
 
 
 def store_patcher(store: TokenStore, load_device, offload_device, disable_dynamic: bool = False):
-    """The store's patcher, of the class the host makes its own models with (looked up per call:
-    main.py rebinds CoreModelPatcher at start-up; hosts before 0.33 have none)."""
-    import comfy.model_patcher
-
-    cls = comfy.model_patcher.ModelPatcher
-    if not disable_dynamic:
-        cls = getattr(comfy.model_patcher, "CoreModelPatcher", cls)
-    patcher = cls(store, load_device=load_device, offload_device=offload_device)
+    """The store's patcher, of the class the host makes its own models with (host_patcher_class)."""
+    patcher = host_patcher_class(disable_dynamic)(store, load_device=load_device, offload_device=offload_device)
     # What deepclone_multigpu and clone(disable_dynamic=True) rebuild the patcher from (they raise without).
     patcher.cached_patcher_init = (_replica_patcher, (store, load_device, offload_device))
     return patcher
+
+
+def host_patcher_class(disable_dynamic: bool = False):
+    """The ModelPatcher class the host makes its own models with: CoreModelPatcher, which main.py rebinds
+    to ModelPatcherDynamic under dynamic VRAM (looked up per call: the rebinding happens at start-up;
+    hosts before 0.33 have no CoreModelPatcher)."""
+    import comfy.model_patcher
+
+    cls = comfy.model_patcher.ModelPatcher
+    return cls if disable_dynamic else getattr(comfy.model_patcher, "CoreModelPatcher", cls)
 
 
 def _replica_patcher(store: TokenStore, load_device, offload_device, disable_dynamic: bool = False):

@@ -11,7 +11,8 @@ Several photos of one person: their ID tokens are averaged (the reference takes 
 PuLID-FLUX ComfyUI ports average theirs the same way).
 
 The loaded models travel as one PuLIDFlux value (FaceStudio Load PuLID-FLUX's output); the
-identity as a PuLIDFluxIdentity (Encode Identity PuLID-FLUX's output). No host imports.
+identity as a PuLIDFluxIdentity (Encode Identity PuLID-FLUX's output). No host imports: the host's
+model management of the encoders is encoders/pulid_flux_host.py's.
 """
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ from .face_parsing import FaceParser, face_features_image, load_face_parser
 from .faces import FaceAnalyzer, FaceError, RecognizerIdentity, detect_and_embed, to_rgb_uint8
 from .recognizers import check_recognizer
 
-__all__ = ["PuLIDFlux", "PuLIDFluxIdentity", "PuLIDFluxIdentityError", "load_pulid_flux_models",
+__all__ = ["PuLIDFlux", "PuLIDFluxNetworks", "PuLIDFluxIdentity", "PuLIDFluxIdentityError", "load_pulid_flux_models",
            "encode_pulid_flux_identity", "ARCFACE_WIDTH", "RECOGNIZER_KIND"]
 
 ARCFACE_WIDTH = 512  # antelopev2's glintr100
@@ -52,10 +53,22 @@ class PuLIDFlux:
     eva: EvaClipVision
     face_parser: FaceParser
     uncond_tokens: torch.Tensor  # [1, 32, id width], fp32, on the CPU
+    networks: "PuLIDFluxNetworks"  # the four networks above as one module (what the host manages)
+    patcher: object | None = None  # the host's ModelPatcher of `networks` (encoders/pulid_flux_host.py)
 
     @property
     def source(self) -> str:
         return self.weights.source
+
+
+class PuLIDFluxNetworks(torch.nn.Module):
+    """The IDFormer, the EVA-CLIP tower and facexlib's two networks under one root, the same module
+    objects: moving this module (as the host's ModelPatcher does) moves every network the identity uses."""
+
+    def __init__(self, idformer: IDFormer, eva: EvaClipVision, face_parser: FaceParser):
+        super().__init__()
+        self.idformer, self.eva = idformer, eva.model
+        self.detector, self.parser = face_parser.detector, face_parser.parser
 
 
 @dataclass(frozen=True, eq=False)
@@ -74,18 +87,20 @@ class PuLIDFluxIdentity:
 
 
 def load_pulid_flux_models(pulid_path: str | Path, eva_path: str | Path, detector_path: str | Path,
-                           parser_path: str | Path, device: torch.device | str = "cpu") -> PuLIDFlux:
-    """Load and check every file (the PuLID file first: it is the one most often wrong, and the quickest)."""
+                           parser_path: str | Path, device: torch.device | str = "cpu",
+                           dtype: torch.dtype = torch.float32) -> PuLIDFlux:
+    """Load and check every file (the PuLID file first: it is the one most often wrong, and the quickest).
+    `dtype` is the IDFormer's and EVA-CLIP's; facexlib's networks stay fp32, as facexlib runs them."""
     weights = load_pulid_flux(str(pulid_path))
-    idformer = idformer_from_state_dict(weights.encoder, weights.source, device=device)
+    idformer = idformer_from_state_dict(weights.encoder, weights.source, device=device, dtype=dtype)
     if idformer.output_dim != weights.layout.id_dim:
         raise PuLIDFluxIdentityError(f"{weights.source}: its IDFormer makes {idformer.output_dim}-wide ID tokens but "
                                      f"its cross-attention reads {weights.layout.id_dim}: the file is not whole. "
                                      "Download pulid_flux_v0.9.1.safetensors again.")
     face_parser = load_face_parser(detector_path, parser_path, device=device)
-    eva = load_eva_clip(eva_path, device=device)
+    eva = load_eva_clip(eva_path, device=device, dtype=dtype)
     uncond = unconditional_id_tokens(idformer).float().cpu()
-    return PuLIDFlux(weights, idformer, eva, face_parser, uncond)
+    return PuLIDFlux(weights, idformer, eva, face_parser, uncond, PuLIDFluxNetworks(idformer, eva, face_parser))
 
 
 def _arcface(analyzer: FaceAnalyzer, photo, index: int, source: str) -> tuple[np.ndarray, RecognizerIdentity]:

@@ -6,7 +6,7 @@ from ..attention.pulid_flux_apply import add_flux_person, apply_pulid_flux_perso
 from ..encoders.eva_clip import FILE_NAME as EVA_FILE
 from ..encoders.face_parsing import DETECTOR_FILE, PARSER_FILE
 from ..encoders.faces import images_list
-from ..encoders.pulid_flux_identity import encode_pulid_flux_identity, load_pulid_flux_models
+from ..encoders.pulid_flux_host import encode_on_host, load_pulid_flux_on_host
 from ..startup.model_folders import CLIP_VISION, FACEXLIB, PULID
 from ..startup.model_sources import missing_file_message
 from .apply import placement_inputs
@@ -86,10 +86,8 @@ class FaceStudioPuLIDFluxLoader(io.ComfyNode):
 
     @classmethod
     def execute(cls, pulid_file: str, eva_clip: str) -> io.NodeOutput:
-        import comfy.model_management
-
         paths = tuple(model_file_path(*file) for file in _loader_files(pulid_file, eva_clip))
-        return io.NodeOutput(load_pulid_flux_models(*paths, device=comfy.model_management.get_torch_device()))
+        return io.NodeOutput(load_pulid_flux_on_host(*paths))
 
 
 class FaceStudioPuLIDFluxIdentityEncode(io.ComfyNode):
@@ -122,8 +120,8 @@ class FaceStudioPuLIDFluxIdentityEncode(io.ComfyNode):
 
         photos = images_list(image)
         bar = comfy.utils.ProgressBar(len(photos))
-        identity = encode_pulid_flux_identity(pulid_flux, face_analyzer, photos,
-                                              progress=lambda done, total: bar.update_absolute(done, total))
+        identity = encode_on_host(pulid_flux, face_analyzer, photos,
+                                  progress=lambda done, total: bar.update_absolute(done, total))
         return io.NodeOutput(identity, identity.report())
 
 

@@ -1,12 +1,7 @@
 """FaceStudio Apply and the host's model management: the token store's patcher under dynamic VRAM, and
 multi-GPU (deep clones of the store, the replacement's `.to(device)` in every worker thread).
 
-No GPU here, so two stand-ins:
-- GPU_LIKE, torch.device("cpu", 0): torch keeps its tensors on the CPU, but it is not
-  torch.device("cpu"), so load_models_gpu frees memory for it as for a GPU, and multi-GPU sampling
-  treats it as a second device with its own worker thread.
-- DynamicPatcher: the host's ModelPatcherDynamic as model management sees it. The real one makes itself
-  a plain ModelPatcher for a CPU load device (model_patcher.py, ModelPatcherDynamic.__new__).
+No GPU here: the stand-ins of facestudio_testing/host_devices.py (GPU_LIKE, DynamicPatcher).
 """
 from __future__ import annotations
 
@@ -19,40 +14,16 @@ import torch
 
 import comfy.model_management
 import comfy.model_patcher
+from facestudio_testing.host_devices import CPU, GPU_LIKE, DynamicPatcher
 from facestudio_testing.sd15_apply import faceid_adapter_and_person
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*estimate.*deprecated:FutureWarning")
 
-CPU, GPU_LIKE = torch.device("cpu"), torch.device("cpu", 0)
 needs_dynamic_vram = pytest.mark.skipif(
     "for_dynamic" not in inspect.signature(comfy.model_management.free_memory).parameters,
     reason="this host has no dynamic VRAM")
 needs_multigpu = pytest.mark.skipif(not hasattr(comfy.model_patcher.ModelPatcher, "deepclone_multigpu"),
                                     reason="this host has no multi-GPU sampling")
-
-
-class DynamicPatcher(comfy.model_patcher.ModelPatcher):
-    """is_dynamic() and the pin bookkeeping model management reads from dynamic patchers, without aimdo."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        if not hasattr(self.model, "dynamic_pins"):
-            self.model.dynamic_pins = collections.defaultdict(lambda: {"active": False, "current_prompt": False})
-
-    def is_dynamic(self):
-        return True
-
-    def loaded_ram_size(self):
-        return 0
-
-    def partially_unload_ram(self, *args, **kwargs):
-        return 0
-
-    def unregister_inactive_pins(self, *args, **kwargs):
-        return 0
-
-    def set_in_use_by_current_prompt(self, in_use):
-        pass
 
 
 @pytest.fixture(scope="module")

@@ -151,6 +151,68 @@ def test_missing_files_are_all_named_at_validation(comfy_host, booted):
     problem = booted.pack_module("nodes.pulid_flux").pulid_flux_files_problem("../clip_vision/x.pt", "y.pt")
     assert "'../clip_vision/x.pt' in models/pulid" in problem
 
+# ---- the encoders are a model the host manages ----
+
+
+@pytest.fixture
+def on_host(booted, monkeypatch):
+    """The models as the Loader loads them (encoders/pulid_flux_host.py), for a GPU-like load device, with
+    CoreModelPatcher rebound to a dynamic patcher as main.py does under dynamic VRAM."""
+    import comfy.model_management
+    import comfy.model_patcher
+    from facestudio_testing.host_devices import CPU, GPU_LIKE, DynamicPatcher
+
+    monkeypatch.setattr(comfy.model_patcher, "CoreModelPatcher", DynamicPatcher, raising=False)
+    fx = pulid_files.facexlib_folder()
+    models = booted.pack_module("encoders.pulid_flux_host").load_pulid_flux_on_host(
+        tiny_flux.pulid_flux_file(), pulid_files.eva_clip_file(), fx / pulid_files.DETECTOR_FILE,
+        fx / pulid_files.BISENET_FILE, load_device=GPU_LIKE, offload_device=CPU)
+    yield models
+    comfy.model_management.free_memory(1e30, GPU_LIKE)  # nothing of these tests stays resident
+
+
+def test_the_encoders_load_and_offload_as_a_host_model(nodes, pulid, on_host, analyzer, photo, monkeypatch):
+    """Encode Identity PuLID-FLUX has the host load the IDFormer, EVA-CLIP and facexlib's networks (one
+    patcher of the host's own class, so the load makes room the dynamic way), runs them there, and the
+    host offloads them when it needs the room; the ID tokens equal those of the host-free path."""
+    import comfy.model_management
+    from facestudio_testing.host_devices import GPU_LIKE, DynamicPatcher
+
+    patcher = on_host.patcher
+    assert type(patcher) is DynamicPatcher and patcher.load_device == GPU_LIKE
+    networks = (on_host.idformer, on_host.eva.model, on_host.face_parser.detector, on_host.face_parser.parser)
+    managed = {id(p) for p in patcher.model.parameters()}
+    assert managed == {id(p) for m in networks for p in m.parameters()}  # every network, nothing else
+    assert patcher.model_size() >= sum(p.numel() * p.element_size() for m in networks for p in m.parameters())
+
+    frees, seen = [], []
+    real_free = comfy.model_management.free_memory
+
+    def free_memory(memory_required, device, *args, **kwargs):
+        if device == GPU_LIKE:
+            frees.append(kwargs.get("for_dynamic"))
+        return real_free(memory_required, device, *args, **kwargs)
+
+    monkeypatch.setattr(comfy.model_management, "free_memory", free_memory)
+    runs = networks[:1] + (on_host.eva.model.patch_embed,) + networks[2:]  # EVA runs forward_intermediates
+    for module in runs:  # where the host says the networks are while each runs
+        module.register_forward_pre_hook(lambda m, a: seen.append(
+            (patcher.model.device, patcher.loaded_size(), patcher in comfy.model_management.loaded_models())))
+    try:
+        (identity, _) = nodes.FaceStudioPuLIDFluxIdentityEncode.execute(on_host, analyzer, photo).args
+    finally:
+        for module in runs:
+            module._forward_pre_hooks.clear()
+    assert len(seen) == 4 and set(seen) == {(GPU_LIKE, patcher.model_size(), True)}
+    assert frees and set(frees) == {True}  # room made the dynamic way: other models are not all evicted
+    (expected, _) = nodes.FaceStudioPuLIDFluxIdentityEncode.execute(pulid, analyzer, photo).args
+    torch.testing.assert_close(identity.id_tokens, expected.id_tokens, rtol=0, atol=0)
+
+    real_free(1e30, GPU_LIKE)  # a model that needs the room offloads them
+    assert patcher.loaded_size() == 0 and patcher not in comfy.model_management.loaded_models()
+    assert patcher.model.device == patcher.offload_device
+
+
 def _identity(booted, pulid):
     m = booted.pack_module("encoders.pulid_flux_identity")
     return m.PuLIDFluxIdentity(tiny_flux.id_tokens(0), pulid.uncond_tokens, pulid.source, None, 1)
