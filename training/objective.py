@@ -19,7 +19,8 @@ comes from one torch.Generator, so a run is reproducible and resumable from that
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from typing import Callable
 
 import torch
 
@@ -40,6 +41,10 @@ class TrainingBatch:
 
     def __len__(self) -> int:
         return int(self.latents.shape[0])
+
+    def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> "TrainingBatch":
+        """The batch with `fn` applied to every field (a device move, a selection of examples)."""
+        return TrainingBatch(*(fn(getattr(self, f.name)) for f in fields(self)))
 
 
 @dataclass(frozen=True)
@@ -115,10 +120,11 @@ def training_loss(model, adapter: TrainableAdapter, batch: TrainingBatch, genera
     keep_face = torch.rand(b, generator=generator) >= dropout.face
     sigmas = torch.tensor([float(sampling.percent_to_sigma(float(p))) for p in percents], device=device)
 
-    latents = base.process_latent_in(batch.latents.to(device))
+    batch = batch.map(lambda t: t.to(device))
+    latents = base.process_latent_in(batch.latents)
     noised = sampling.noise_scaling(sigmas, noise.to(device), latents, False)
-    tokens = example_tokens(adapter, _on(batch, device), image_path.to(device), keep_face.to(device))
-    denoised = predict(model, adapter, noised, sigmas, batch.context.to(device), tokens)
+    tokens = example_tokens(adapter, batch, image_path.to(device), keep_face.to(device))
+    denoised = predict(model, adapter, noised, sigmas, batch.context, tokens)
     # In the model's own output space (eps, v, flow velocity, x0): the denoised latent is affine in the
     # model's output, so dividing its error by d(denoised)/d(output) gives the output's error.
     per_unit = _output_gain(sampling, sigmas, denoised)
@@ -148,7 +154,3 @@ def _output_gain(sampling, sigmas: torch.Tensor, like: torch.Tensor) -> torch.Te
         raise ValueError("The model's denoised prediction does not depend on its output at these noise levels.")
     return gain
 
-
-def _on(batch: TrainingBatch, device) -> TrainingBatch:
-    return TrainingBatch(*(t.to(device) for t in (batch.latents, batch.context, batch.text_embeds,
-                                                  batch.image_embeds, batch.faces)))

@@ -71,11 +71,6 @@ def _optimizer(settings: TrainingSettings, params) -> torch.optim.Optimizer:
     return torch.optim.SGD(params, lr=settings.learning_rate, weight_decay=settings.weight_decay, momentum=0.9)
 
 
-def _batch(data: TrainingBatch, index: torch.Tensor) -> TrainingBatch:
-    return TrainingBatch(data.latents[index], data.context[index], data.text_embeds[index],
-                         data.image_embeds[index], data.faces[index])
-
-
 def train(model, adapter: TrainableAdapter, data: TrainingBatch, settings: TrainingSettings,
           resume: TrainingState | None = None, until: int | None = None,
           on_step: Callable[[int, float], None] | None = None, device: torch.device | None = None) -> TrainingState:
@@ -95,7 +90,7 @@ def train(model, adapter: TrainableAdapter, data: TrainingBatch, settings: Train
     with torch.inference_mode(False), torch.enable_grad():
         for step in range(state.step, end):
             index = torch.randint(len(data), (min(settings.batch_size, len(data)),), generator=generator)
-            loss = training_loss(model, adapter, _batch(data, index), generator, settings.dropout, device)
+            loss = training_loss(model, adapter, data.map(lambda t: t[index]), generator, settings.dropout, device)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
