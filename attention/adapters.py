@@ -12,6 +12,10 @@ Projections are recognised from a table (`PROJECTION_LAYOUTS`): one entry per im
 layout, each giving the keys that identify it, how its shapes read, and which kinds those shapes
 allow. A new format (e.g. a FaceStudio-native adapter) is one more entry.
 
+FaceStudio's own trained adapters (training/, attention/facestudio_fusion.py) use the same two sections,
+with the fusion's keys in `image_proj` and a safetensors header (attention/facestudio_metadata.py) that
+records the recognizer, encoders and training they were made with.
+
 One layout serves two kinds: a perceiver resampler (learned `latents`, `proj_in`, `proj_out`,
 `norm_out`) is IP-Adapter Plus when `proj_in` reads CLIP hidden states, and FaceID Portrait unnorm
 (ip-adapter-faceid-portrait_sdxl_unnorm.bin) when it reads the 512-wide ArcFace embedding.
@@ -29,6 +33,8 @@ from typing import Any, Callable, Mapping
 import safetensors
 import safetensors.torch
 import torch
+
+from .facestudio_metadata import FaceStudioMetadata, MetadataError
 
 IPADAPTER_FOLDER = "ipadapter"
 KIND_AUTO = "auto"
@@ -61,6 +67,7 @@ class AdapterKind(str, enum.Enum):
     FACEID_PORTRAIT_UNNORM = "faceid-portrait-unnorm"
     IMAGE_PROMPT = "image-prompt"
     IMAGE_PROMPT_PLUS = "image-prompt-plus"
+    FACESTUDIO = "facestudio"
 
     @property
     def label(self) -> str:
@@ -79,7 +86,7 @@ class AdapterKind(str, enum.Enum):
     @property
     def clip_input(self) -> str | None:
         """Which CLIP vision output the projection reads, if any."""
-        if self is AdapterKind.IMAGE_PROMPT:
+        if self in (AdapterKind.IMAGE_PROMPT, AdapterKind.FACESTUDIO):
             return "image_embeds"
         if self in (AdapterKind.IMAGE_PROMPT_PLUS, AdapterKind.FACEID_PLUS, AdapterKind.FACEID_PLUS_V2):
             return "penultimate_hidden_states"
@@ -94,6 +101,7 @@ _KIND_LABELS = {
     AdapterKind.FACEID_PORTRAIT_UNNORM: "IP-Adapter FaceID Portrait (unnormalised embedding)",
     AdapterKind.IMAGE_PROMPT: "IP-Adapter (image prompt)",
     AdapterKind.IMAGE_PROMPT_PLUS: "IP-Adapter Plus (image prompt)",
+    AdapterKind.FACESTUDIO: "FaceStudio adapter (hybrid image/text identity guidance)",
 }
 
 KIND_CHOICES: tuple[str, ...] = (KIND_AUTO, *(k.value for k in AdapterKind))
@@ -121,6 +129,8 @@ class IPAdapterWeights:
     source: str                          # file name, for messages
     # FaceID's attention-processor LoRA ('<n>.to_q_lora.down.weight', ...): applied by attention/lora.py.
     lora: Mapping[str, torch.Tensor] = field(default_factory=lambda: MappingProxyType({}), repr=False)
+    text_width: int | None = None        # FaceStudio: the pooled text embedding (e_T) it reads
+    facestudio: FaceStudioMetadata | None = None  # FaceStudio: what its header records
 
     @property
     def layer_count(self) -> int:
@@ -146,8 +156,10 @@ class IPAdapterWeights:
         clip = f", CLIP width {self.clip_width}" if self.clip_width else ""
         face = f", face embedding {self.id_embedding_width}" if self.id_embedding_width else ""
         lora = f", {self.lora_key_count} LoRA keys" if self.lora_key_count else ""
+        text = f", text embedding {self.text_width}" if self.text_width else ""
+        made = f"; {self.facestudio.describe()}" if self.facestudio is not None else ""
         return (f"{self.source}: {self.kind.label} for {self.base_model}, {self.layer_count} layers, "
-                f"{self.num_tokens} tokens{clip}{face}{lora}")
+                f"{self.num_tokens} tokens{clip}{face}{text}{lora}{made}")
 
 
 # --- image-projection layouts ---------------------------------------------------------------------
@@ -160,6 +172,7 @@ class ProjectionShape:
     num_tokens: int
     clip_width: int | None
     id_embedding_width: int | None
+    text_width: int | None = None
 
 
 class _Tensors:
@@ -245,6 +258,19 @@ def _read_resampler(t: _Tensors) -> ProjectionShape:
     return ProjectionShape(output_width, num_tokens, input_width, None)
 
 
+def _read_facestudio(t: _Tensors) -> ProjectionShape:
+    width, clip_width = t.shape("image_in.weight", 2)
+    width2, text_width = t.shape("text_in.weight", 2)
+    (path_width,) = t.shape("path_norm.weight", 1)
+    (id_width,) = t.shape("face_norm.weight", 1)
+    total, fused_in = t.shape("fusion.weight", 2)
+    (context,) = t.shape("norm.weight", 1)
+    if not width == width2 == path_width or fused_in != width + id_width:
+        raise t.fail(f"its fusion reads {fused_in} features, but the image/text paths are {width} / {width2} wide "
+                     f"and the face {id_width}")
+    return ProjectionShape(context, _tokens(total, context, t, "fusion's output"), clip_width, id_width, text_width)
+
+
 def _resampler_kinds(shape: ProjectionShape) -> tuple[AdapterKind, ...]:
     if shape.id_embedding_width is not None:
         return (AdapterKind.FACEID_PORTRAIT_UNNORM,)
@@ -275,6 +301,11 @@ class ProjectionLayout:
 
 # Most specific first: FaceID Plus contains the FaceID MLP's keys.
 PROJECTION_LAYOUTS: tuple[ProjectionLayout, ...] = (
+    ProjectionLayout(
+        "a FaceStudio fusion (image + identity and text + identity through one shared map)",
+        ("image_in.weight", "text_in.weight", "fusion.weight", "norm.weight"), (),
+        _read_facestudio, lambda s: (AdapterKind.FACESTUDIO,), "",
+    ),
     ProjectionLayout(
         "a FaceID Plus projection (ID MLP + perceiver resampler)",
         ("proj.0.weight", "proj.2.weight", "norm.weight", "perceiver_resampler.proj_in.weight"), (),
@@ -541,9 +572,26 @@ def _choose_kind(candidates: tuple[AdapterKind, ...], requested: str, source: st
     return candidates[0]
 
 
+def _facestudio_metadata(header: Mapping[str, str] | None, source: str, base: str,
+                         shape: ProjectionShape) -> FaceStudioMetadata:
+    try:
+        meta = FaceStudioMetadata.from_header(header, source)
+    except MetadataError as e:
+        raise AdapterError(str(e)) from None
+    if meta.base_model != base or meta.num_tokens != shape.num_tokens:
+        raise AdapterError(f"{source}: its header says {meta.base_model or 'no base model'} with {meta.num_tokens} "
+                           f"tokens, but its tensors are {base}'s with {shape.num_tokens}: the header belongs to "
+                           "another file. Save the adapter again.")
+    if meta.recognizer.embedding_dim != shape.id_embedding_width:
+        raise AdapterError(f"{source}: its header's recognizer makes {meta.recognizer.embedding_dim}-wide embeddings "
+                           f"but its fusion reads {shape.id_embedding_width}: the file was changed after it was saved.")
+    return meta
+
+
 def recognise(image_proj: Mapping[str, torch.Tensor], ip_adapter: Mapping[str, torch.Tensor], source: str,
-              kind: str = KIND_AUTO) -> IPAdapterWeights:
-    """Types a state dict's two sections. `kind` overrides the file-name hints; it must agree with the keys."""
+              kind: str = KIND_AUTO, header: Mapping[str, str] | None = None) -> IPAdapterWeights:
+    """Types a state dict's two sections. `kind` overrides the file-name hints; it must agree with the keys.
+    `header`: the safetensors metadata, which a FaceStudio adapter needs."""
     layers, context, lora = _read_layers(ip_adapter, source)
     base = _base_for_context(context, source)
     layout = _find_layout(image_proj, source)
@@ -552,11 +600,12 @@ def recognise(image_proj: Mapping[str, torch.Tensor], ip_adapter: Mapping[str, t
         raise AdapterError(f"{source}: its image projection makes {shape.output_width}-wide tokens but its "
                            f"attention layers read {context}-wide context; the file mixes two adapters or is damaged.")
     chosen = _choose_kind(layout.kinds(shape), kind, source, layout, shape)
+    meta = _facestudio_metadata(header, source, base, shape) if chosen is AdapterKind.FACESTUDIO else None
     return IPAdapterWeights(
         kind=chosen, base_model=base, context_dim=context, clip_width=shape.clip_width,
         id_embedding_width=shape.id_embedding_width, num_tokens=shape.num_tokens, layers=layers,
         image_proj=MappingProxyType(dict(image_proj)), lora_key_count=len(lora), source=source,
-        lora=MappingProxyType(lora),
+        lora=MappingProxyType(lora), text_width=shape.text_width, facestudio=meta,
     )
 
 
@@ -564,7 +613,16 @@ def load_adapter(path: str, kind: str = KIND_AUTO) -> IPAdapterWeights:
     """Reads and recognises an IP-Adapter file; AdapterError says what is wrong with any other file."""
     source = os.path.basename(path)
     image_proj, ip_adapter = split_sections(read_state_dict(path), source)
-    return recognise(image_proj, ip_adapter, source, kind)
+    return recognise(image_proj, ip_adapter, source, kind, read_header(path))
+
+
+def read_header(path: str) -> dict[str, str]:
+    """A .safetensors file's metadata (empty for other files, which have none); read after
+    read_state_dict, which has said what is wrong with an unreadable file."""
+    if os.path.splitext(path)[1].lower() != ".safetensors":
+        return {}
+    with safetensors.safe_open(path, framework="pt") as f:
+        return dict(f.metadata() or {})
 
 
 # --- the ipadapter model folder -------------------------------------------------------------------

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from .adapters import AdapterError, AdapterKind, IPAdapterWeights
+from .facestudio_fusion import FaceStudioFusion
 
 __all__ = [
     "FaceIDMLP",
@@ -37,6 +38,7 @@ __all__ = [
     "identity_tokens",
     "unconditional_identity_tokens",
     "style_tokens",
+    "facestudio_tokens",
     "unconditional_style_tokens",
     "layer_kv",
 ]
@@ -207,6 +209,10 @@ def _build(adapter: IPAdapterWeights) -> nn.Module:
         _, num_queries, dim = sd["latents"].shape
         depth, heads, ff_mult = _perceiver_shape(sd, "")
         return Resampler(dim, depth, heads, num_queries, sd["proj_in.weight"].shape[1], ctx, ff_mult)
+    if kind is AdapterKind.FACESTUDIO:
+        width = sd["image_in.weight"].shape[0]
+        return FaceStudioFusion(adapter.clip_width, adapter.text_width, ctx, adapter.num_tokens, width,
+                                adapter.id_embedding_width)
     raise AdapterError(f"{adapter.source}: no projection for kind {kind.value!r}")
 
 
@@ -306,6 +312,24 @@ def unconditional_identity_tokens(adapter: IPAdapterWeights, zero_clip_features:
     if zero_clip_features is not None:
         zeros = zeros.to(zero_clip_features.device)
     return identity_tokens(adapter, zeros, zero_clip_features, shortcut_scale, module)
+
+
+@torch.no_grad()
+def facestudio_tokens(adapter: IPAdapterWeights, face: torch.Tensor, text_embeds: torch.Tensor,
+                      image_embeds: torch.Tensor | None, blend: float, module: nn.Module | None = None) -> torch.Tensor:
+    """[1, T, ctx] fp32: a FaceStudio adapter's hybrid guidance e_g = blend * e_i + (1 - blend) * e_p of one
+    face embedding [1, 512], the prompt's pooled embedding [1, text] and, for e_i, the style image's CLIP
+    image_embeds [1, clip] (None: the text path alone)."""
+    if adapter.kind is not AdapterKind.FACESTUDIO:
+        raise ValueError(f"{adapter.source} is {adapter.kind.label}, not a FaceStudio adapter")
+    face = _single(_rows(face, 2, "face embeddings", adapter.id_embedding_width), "face embeddings",
+                   "combine the shots into one embedding first")
+    text = _single(_rows(text_embeds, 2, "pooled text embeddings", adapter.text_width), "pooled text embeddings",
+                   "pass the prompt's pooled output")
+    image = None if image_embeds is None else _single(
+        _rows(image_embeds, 2, "CLIP image embeds", adapter.clip_width), "CLIP image embeds", "pass one style image")
+    module = module if module is not None else projection_for(adapter, face.device)
+    return module.hybrid(face, text.to(face.device), None if image is None else image.to(face.device), float(blend))
 
 
 @torch.no_grad()

@@ -125,3 +125,24 @@ def check_recognizer(kind, recognizer: RecognizerIdentity, adapter_name: str, wh
             f"unrelated, so this would give a different person. Load the {expected.pack} pack in FaceStudio Load Face "
             f"Analyzer and encode the identity again (models/insightface/models/{expected.pack}/ with "
             f"{expected.file_name}).")
+
+
+def check_recorded_recognizer(recorded: RecognizerIdentity, recognizer: RecognizerIdentity, adapter_name: str,
+                              what: str = "The identity") -> str | None:
+    """Why an identity made by `recognizer` must not drive an adapter that records (in its file) the
+    recognizer it was trained with, or None when it may: FaceStudio's trained adapters name theirs
+    exactly, so any other hash is refused, known or not. An identity recording no hash is let through
+    with a warning, as check_recognizer does."""
+    sha, expected = str(recognizer.sha256_16 or "").lower(), str(recorded.sha256_16).lower()
+    if not _HEX16.fullmatch(sha):
+        _warn_once(("no-hash", recognizer.file_name, expected),
+                   "%s records no hash of its face recognizer (%s), so FaceStudio cannot check that it is %s, which "
+                   "%s was trained with.", what, recognizer.file_name, recorded, adapter_name)
+        return None
+    if sha == expected:
+        return None
+    known = identify(recorded)
+    pack = f"the {known.pack} pack" if known else f"the pack holding {recorded.file_name} (sha256 {recorded.sha256_16}...)"
+    return (f"{what} was made with {recognizer}, but {adapter_name} was trained on embeddings of {recorded}: "
+            f"another recognizer's embeddings describe another person to it. Load {pack} in FaceStudio Load Face "
+            "Analyzer and encode the identity again.")
