@@ -20,6 +20,16 @@ def placement_inputs(persons_type) -> list:
     ]
 
 
+def pooled_prompt(conditioning):
+    """The pooled text embedding [1, text] of a CONDITIONING's first entry, or None when none is connected."""
+    if conditioning is None:
+        return None
+    if not conditioning or not isinstance(conditioning[0][1], dict) or conditioning[0][1].get("pooled_output") is None:
+        raise ValueError("The 'prompt' CONDITIONING carries no pooled text embedding (some nodes drop it): connect "
+                         "the output of CLIP Text Encode for the positive prompt.")
+    return conditioning[0][1]["pooled_output"]
+
+
 class FaceStudioPerson(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -64,7 +74,8 @@ class FaceStudioApply(io.ComfyNode):
                         "the text everywhere, an optional style image on the whole picture.",
             inputs=[
                 io.Model.Input("model", tooltip="The model to patch (it is cloned; the input stays unchanged)."),
-                FaceStudioAdapter.Input("adapter", tooltip="A FaceID (identity) adapter from FaceStudio Load Adapter."),
+                FaceStudioAdapter.Input("adapter", tooltip="A FaceID (identity) adapter, or a FaceStudio-trained one, "
+                                                   "from FaceStudio Load Adapter."),
                 FaceStudioPersons.Input("persons", tooltip="The persons, from FaceStudio Person nodes."),
                 io.Float.Input("alpha", default=0.5, min=0.0, max=1.0, step=0.01,
                                tooltip="Text vs style balance: below 0.5 the style fades, above 0.5 the text does."),
@@ -98,6 +109,17 @@ class FaceStudioApply(io.ComfyNode):
                 io.Boolean.Input("unfold_batch", default=False, optional=True,
                                  tooltip="With a batch of latents: latent i gets only person i (persons repeat when "
                                          "the batch is longer), instead of every person in every latent."),
+                io.Float.Input("image_text_blend", default=0.5, min=0.0, max=1.0, step=0.01, optional=True,
+                               tooltip="Acts only with FaceStudio adapters (trained with FaceStudio Train "
+                                       "Adapter; the IP-Adapter kinds ignore it): FaceStudio's hybrid guidance "
+                                       "a*e_i + (1-a)*e_p, each person's identity fused with the style image "
+                                       "(e_i, weight a) and with the prompt (e_p). 1 guides through the style "
+                                       "image alone, 0 through the prompt alone; without a style only the prompt "
+                                       "path acts. Unlike 'alpha', it blends the identity tokens themselves."),
+                io.Conditioning.Input("prompt", optional=True,
+                                      tooltip="FaceStudio adapters only: the positive prompt's CONDITIONING (from "
+                                              "CLIP Text Encode); its pooled text embedding is the text + identity "
+                                              "path's input. Other adapters do not read it (the report says so)."),
             ],
             outputs=[io.Model.Output(display_name="model", tooltip="The patched model."),
                      io.String.Output(display_name="report",
@@ -108,11 +130,13 @@ class FaceStudioApply(io.ComfyNode):
     @classmethod
     def execute(cls, model, adapter, persons, alpha: float, style_weight: float = 1.0, style_adapter=None,
                 style=None, negative_style=None, lora_strength: float = 1.0, embeds_scaling: str = "V only",
-                style_blocks: str = "all", style_block_weights: str = "", unfold_batch: bool = False) -> io.NodeOutput:
+                style_blocks: str = "all", style_block_weights: str = "", unfold_batch: bool = False,
+                image_text_blend: float = 0.5, prompt=None) -> io.NodeOutput:
         reports: list[str] = []
         patched = apply_facestudio(model, adapter, persons, alpha=alpha, style_adapter=style_adapter, style=style,
                                    style_weight=style_weight, negative_style=negative_style,
                                    lora_strength=lora_strength, embeds_scaling=embeds_scaling,
                                    style_blocks=style_blocks, style_block_weights=style_block_weights,
-                                   unfold_batch=unfold_batch, reports=reports)
+                                   unfold_batch=unfold_batch, blend=image_text_blend,
+                                   prompt_embeds=pooled_prompt(prompt), reports=reports)
         return io.NodeOutput(patched, "\n".join(reports))

@@ -124,23 +124,36 @@ def training_loss(model, adapter: TrainableAdapter, batch: TrainingBatch, genera
     latents = base.process_latent_in(batch.latents)
     noised = sampling.noise_scaling(sigmas, noise.to(device), latents, False)
     tokens = example_tokens(adapter, batch, image_path.to(device), keep_face.to(device))
-    denoised = predict(model, adapter, noised, sigmas, batch.context, tokens)
+    denoised = predict(model, adapter, noised, sigmas, batch.context, tokens, **_adm_conds(base, batch))
     # In the model's own output space (eps, v, flow velocity, x0): the denoised latent is affine in the
     # model's output, so dividing its error by d(denoised)/d(output) gives the output's error.
     per_unit = _output_gain(sampling, sigmas, denoised)
     return (((denoised.float() - latents.float()) / per_unit) ** 2).mean()
 
 
+def _adm_conds(base, batch: TrainingBatch) -> dict:
+    """SDXL's `y` (the pooled text + size embedding) from the model's own encode_adm, per example: the
+    caption's pooled embedding is e_T, and the size is the training image's (uncropped, as encoded).
+    Nothing for a model without one (SD1.5)."""
+    if not getattr(base, "adm_channels", 0):
+        return {}
+    height, width = (8 * s for s in batch.latents.shape[-2:])  # SD and SDXL VAEs: 8 pixels per latent
+    rows = [base.encode_adm(pooled_output=batch.text_embeds[i:i + 1], width=width, height=height,
+                            device=batch.text_embeds.device) for i in range(len(batch))]
+    return {"y": torch.cat(rows).to(batch.text_embeds.device)}
+
+
 def predict(model, adapter: TrainableAdapter, noised: torch.Tensor, sigmas: torch.Tensor, context: torch.Tensor,
-            tokens: torch.Tensor) -> torch.Tensor:
+            tokens: torch.Tensor, **conds) -> torch.Tensor:
     """The frozen model's denoised prediction of `noised` at `sigmas` with the adapter's `tokens` in its
-    cross-attention (one row of tokens per latent)."""
+    cross-attention (one row of tokens per latent); `conds`: the model's other inputs (SDXL's y)."""
     options = model.model_options.get("transformer_options", {})
     existing = options.get("patches_replace", {}).get("attn2", {})
     transformer_options = {**options, "patches_replace": {**options.get("patches_replace", {}),
                                                           "attn2": {**existing, **attention_patches(adapter, tokens, existing)}}}
     with _frozen(model.model):
-        return model.model.apply_model(noised, sigmas, c_crossattn=context, transformer_options=transformer_options)
+        return model.model.apply_model(noised, sigmas, c_crossattn=context, transformer_options=transformer_options,
+                                       **conds)
 
 
 def _output_gain(sampling, sigmas: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
