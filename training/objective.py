@@ -78,7 +78,9 @@ class _DecoupledAttention:
 
         heads = extra_options["n_heads"]
         text = self.previous(q, k, v, extra_options) if self.previous is not None else optimized_attention(q, k, v, heads)
-        k_ip, v_ip = self.adapter.layer_kv(self.n, self.tokens.to(q.dtype))
+        # The adapter computes in its own dtype (fp32) whatever the UNet runs in (fp16 on most GPUs); only its
+        # keys and values meet the UNet's queries.
+        k_ip, v_ip = self.adapter.layer_kv(self.n, self.tokens)
         if k_ip.shape[0] != q.shape[0]:
             raise ValueError(f"The training batch holds {k_ip.shape[0]} examples but the model was called on "
                              f"{q.shape[0]} latents.")

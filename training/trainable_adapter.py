@@ -13,7 +13,7 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 
-from ..attention.facestudio_fusion import DEFAULT_TOKENS, DEFAULT_WIDTH, FaceStudioFusion
+from ..attention.facestudio_fusion import ARCFACE_WIDTH, DEFAULT_TOKENS, DEFAULT_WIDTH, FaceStudioFusion
 from ..attention.layers import AttentionPosition, cross_attention_positions, diffusion_model_of
 
 __all__ = ["TrainableAdapter"]
@@ -30,7 +30,7 @@ class TrainableAdapter(nn.Module):
 
     @classmethod
     def for_model(cls, model, clip_dim: int, text_dim: int, num_tokens: int = DEFAULT_TOKENS,
-                  width: int = DEFAULT_WIDTH, seed: int = 0) -> "TrainableAdapter":
+                  width: int = DEFAULT_WIDTH, seed: int = 0, id_dim: int = ARCFACE_WIDTH) -> "TrainableAdapter":
         """A fresh adapter for `model` (a MODEL, BaseModel or UNet): the fusion initialised from `seed`,
         each position's K/V from the UNet's own attn2 weights (fp32, CPU)."""
         positions = cross_attention_positions(model)
@@ -41,7 +41,7 @@ class TrainableAdapter(nn.Module):
             raise ValueError(f"The model's cross-attention layers read contexts of several widths {sorted(contexts)}.")
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            fusion = FaceStudioFusion(clip_dim, text_dim, contexts.pop(), num_tokens, width)
+            fusion = FaceStudioFusion(clip_dim, text_dim, contexts.pop(), num_tokens, width, id_dim)
         adapter = cls(fusion, positions)
         unet = diffusion_model_of(model)
         with torch.no_grad():
