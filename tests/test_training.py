@@ -137,3 +137,54 @@ def test_settings_are_checked(modules):
                          ({"style_dropout": 1.5}, "'style_dropout' is a probability")):
         with pytest.raises(ValueError, match=message):
             trainer.TrainingSettings(**bad)
+
+
+def test_a_few_sdxl_steps_train_and_the_file_runs_on_sdxl(modules, booted, tmp_path):
+    """On the small SDXL UNet (SDXL's 70 cross-attention positions, its `y` from the model's own
+    encode_adm): 2 steps change the adapter, the file saved from it loads as an SDXL FaceStudio adapter
+    and routes two persons on that UNet through a sampling step."""
+    import comfy.sample
+    import numpy as np
+    from facestudio_testing import face_models as fm
+    from facestudio_testing import tiny_sdxl
+    from facestudio_testing.identity_modules import identity_modules
+
+    trainable, objective, trainer = modules
+    model = tiny_sdxl.load_unet()
+    (context, extra), = tiny_sdxl.conditioning(seed=3, batch=2)
+    gen = torch.Generator().manual_seed(0)
+    faces = torch.nn.functional.normalize(torch.randn(2, 512, generator=gen), dim=-1)
+    data = objective.TrainingBatch(torch.randn(2, 4, 8, 8, generator=gen), context, extra["pooled_output"],
+                                   torch.randn(2, 1280, generator=gen), faces)
+    adapter = trainable.TrainableAdapter.for_model(model, clip_dim=1280, text_dim=1280, seed=0)
+    assert len(adapter.positions) == 70
+    before = {k: v.clone() for k, v in adapter.state_dict().items()}
+    state = trainer.train(model, adapter, data, trainer.TrainingSettings(steps=2, batch_size=1, learning_rate=1e-3))
+    assert all(np.isfinite(v) for v in state.losses.values()) and len(state.losses) == 2
+    changed = [k for k, v in adapter.state_dict().items() if not torch.equal(v, before[k])]
+    assert any(k.startswith("fusion.") for k in changed) and any(k.startswith("to_k_ip.") for k in changed)
+
+    analyzer = booted.pack_module("encoders.faces").load_face_analyzer(fm.tiny_pack(), providers="cpu")
+    meta = booted.pack_module("attention.facestudio_metadata").FaceStudioMetadata(
+        base_model="SDXL", recognizer=analyzer.recognizer_id, clip_vision={"image_embeds_width": 1280},
+        text_encoder={"pooled_width": 1280}, num_tokens=4, training={"steps_done": 2, "examples": 2})
+    path = booted.pack_module("training.adapter_file").save_adapter(adapter, meta, tmp_path / "sdxl.safetensors")
+    weights = booted.pack_module("attention.adapters").load_adapter(str(path))
+    assert (weights.kind.value, weights.base_model, weights.layer_count, weights.text_width) == ("facestudio", "SDXL", 70, 1280)
+
+    ident = identity_modules(booted)
+    people = [ident.multishot.encode_identity(analyzer, [fm.tiny_face_image(cells).astype(np.float32) / 255.0], cache=None)
+              for cells in (((6, 6, "white"),), ((8, 5, "green"),))]
+    add = booted.pack_module("attention.persons").add_person
+    left = torch.zeros(1, 64, 64)
+    left[:, :, :32] = 1
+    persons = add(add(None, people[0], left), people[1], 1 - left)
+    patched = booted.pack_module("attention.patch").apply_facestudio(model, weights, persons,
+                                                                     prompt_embeds=extra["pooled_output"][:1])
+    latent = torch.zeros(1, 4, 8, 8)
+    positive, negative = tiny_sdxl.conditioning(seed=3), tiny_sdxl.conditioning(seed=4)
+    routed = comfy.sample.sample(patched, comfy.sample.prepare_noise(latent, 0), 1, 4.0, "euler", "normal", positive,
+                                 negative, latent, denoise=1.0, seed=0)
+    plain = comfy.sample.sample(model, comfy.sample.prepare_noise(latent, 0), 1, 4.0, "euler", "normal", positive,
+                                negative, latent, denoise=1.0, seed=0)
+    assert torch.isfinite(routed).all() and not torch.equal(routed, plain)

@@ -212,3 +212,26 @@ def test_the_graph_runs_the_file_through_the_nodes(parts, booted, comfy_host, ti
     latent = comfy_host.output(result, g["sampler"])["samples"]
     direct = sample(booted, parts, booted.pack_module("attention.persons").add_person(None, parts[2][0]), seed=1)
     assert torch.allclose(latent, direct, atol=1e-3), float((latent - direct).abs().max())
+
+
+def test_a_header_that_is_missing_or_disagrees_is_refused(parts, booted, tmp_path):
+    """The tensors alone do not make a FaceStudio adapter: without its header (a .bin copy) or with one
+    that disagrees with the tensors, Load Adapter says what is wrong."""
+    adapters = booted.pack_module("attention.adapters")
+    path = str(booted.models / "ipadapter" / ADAPTER)
+    image_proj, ip_adapter = adapters.split_sections(adapters.read_state_dict(path), ADAPTER)
+    header = adapters.read_header(path)
+    cases = (({"format": "something-else"}, "does not say format 'facestudio-adapter'"),
+             ({"format_version": "2"}, "format version 2; this FaceStudio reads up to version 1"),
+             ({"num_tokens": "8"}, "header says SD1.5 with 8 tokens, but its tensors are SD1.5's with 4"),
+             ({"base_model": "SDXL"}, "header says SDXL"),
+             ({"recognizer": None}, "has no 'recognizer'"),
+             ({"recognizer": '{"file_name": "x.onnx"}'}, "lacks file_name, sha256_16 or embedding_dim"))
+    for change, message in cases:
+        edited = {k: v for k, v in {**header, **change}.items() if v is not None}
+        with pytest.raises(adapters.AdapterError, match=message):
+            adapters.recognise(image_proj, ip_adapter, ADAPTER, header=edited)
+    copy = tmp_path / "fs_trained_sd15.bin"
+    torch.save({"image_proj": dict(image_proj), "ip_adapter": dict(ip_adapter)}, copy)
+    with pytest.raises(adapters.AdapterError, match="a .bin copy loses the header"):
+        adapters.load_adapter(str(copy))
