@@ -84,7 +84,7 @@ def test_definition_uses_public_model_names_and_has_every_node_in_a_group(name):
 def test_sd15_sdxl_and_flux_workflows_are_there():
     """Each use on SD1.5; on SDXL the one-person and the two-people-in-regions workflows; on FLUX.1 (PuLID-FLUX)
     those two and two people in SAM3 silhouettes."""
-    assert len(SD15_NAMES) == 9  # the eight uses, and two people in SAM3 silhouettes (v0.33 on)
+    assert len(SD15_NAMES) == 10  # the eight uses, two people in SAM3 silhouettes (v0.33 on), training
     assert [n for n in NAMES if wd.WORKFLOWS[n].requires] == ["11 Two people with SAM3", "14 FLUX two people, SAM3"]
     assert [n[3:] for n in SDXL_NAMES] == ["SDXL one person", "SDXL two people"]
     assert [n[3:] for n in FLUX_NAMES] == ["FLUX one person", "FLUX two people", "FLUX two people, SAM3"]
@@ -201,6 +201,11 @@ def installed(comfy_server, tiny_sd15_file):
     }
     for file_name, rgb in pictures.items():  # over the example photos: the tiny face pack finds these faces
         Image.fromarray(rgb).save(inputs / file_name, format="PNG")  # lossless, whatever the name's suffix
+    photos = inputs / wd.DATASET_FOLDER  # the training workflow's dataset: two people, one face each
+    photos.mkdir(exist_ok=True)
+    for i, cells in enumerate((((6, 6, "white"),), ((8, 5, "green"),))):
+        Image.fromarray(_photo(cells)).save(photos / f"person_{i}.png")
+    (photos / "person_0.txt").write_text("a photo of a person")
     return comfy_server
 
 

@@ -181,7 +181,7 @@ def _apply(g: Graph, persons: list, lora_strength: float = 1.0, alpha: float = 0
            **extra) -> None:
     inputs = {"model": model or g.link("checkpoint", 0), "adapter": g.link("adapter"), "persons": persons,
               "alpha": alpha, "style_weight": 1.0, "lora_strength": lora_strength, "embeds_scaling": "V only",
-              "style_blocks": "all", "style_block_weights": "", "unfold_batch": False, **extra}
+              "style_blocks": "all", "style_block_weights": "", "unfold_batch": False, "image_text_blend": 0.5, **extra}
     g.add("FaceStudioApply", inputs, "apply")
     g.prompt[g["sampler"]]["inputs"]["model"] = g.link("apply")
 
@@ -711,10 +711,74 @@ def scoring() -> Workflow:
     )
 
 
+DATASET_FOLDER = "facestudio_training_photos"  # in ComfyUI's input folder: the user's photos (and .txt captions)
+
+
+def train_adapter(number: int = 15) -> Workflow:
+    """Prepare a folder of face photos, train a FaceStudio adapter on it, save it, and generate with it at once."""
+    g = _base("a photo of a person in a garden, soft daylight")
+    _analyzer(g)
+    _clip_vision(g)
+    g.add("FaceStudioPrepareDataset", {"folder": DATASET_FOLDER, "face_analyzer": g.link("analyzer"),
+                                       "clip_vision": g.link("clip_vision"), "vae": g.link("checkpoint", 2),
+                                       "clip": g.link("checkpoint", 1), "resolution": 512}, "dataset")
+    g.add("PreviewAny", {"source": g.link("dataset", 1)}, "dataset_report")
+    g.add("FaceStudioTrainAdapter", {"model": g.link("checkpoint", 0), "dataset": g.link("dataset"),
+                                     "adapter_name": "facestudio/my_adapter", "steps": 2000, "batch_size": 4,
+                                     "learning_rate": 1e-4, "optimizer": "AdamW", "seed": 0, "save_every": 250,
+                                     "resume": False, "style_dropout": 0.64, "face_dropout": 0.1, "num_tokens": 4,
+                                     "dataset_licence": "", "face_models_licence": ""}, "train")
+    g.add("LossGraphNode", {"loss": g.link("train", 1), "filename_prefix": "facestudio_loss"}, "loss_graph")
+    g.add("FaceStudioSaveAdapter", {"adapter": g.link("train"), "adapter_name": "facestudio/my_adapter_final",
+                                    "overwrite": False}, "save_adapter")
+    _photo_identity(g, "identity", PHOTO)
+    g.add("LoadImage", {"image": STYLE_IMAGE}, "style_photo")
+    g.add("FaceStudioStyleEncode", {"image": g.link("style_photo"), "clip_vision": g.link("clip_vision"),
+                                    "face_analyzer": g.link("analyzer"), "mask_margin": 0.25}, "style")
+    g.prompt[g["identity"]]["inputs"].pop("clip_vision")  # a FaceStudio adapter reads the face embedding only
+    _person(g, "person", g.link("identity"))
+    g.add("FaceStudioApply", {"model": g.link("checkpoint", 0), "adapter": g.link("train"), "persons": g.link("person"),
+                              "alpha": 0.5, "style_weight": 1.0, "lora_strength": 0.0, "embeds_scaling": "V only",
+                              "style_blocks": "all", "style_block_weights": "", "unfold_batch": False,
+                              "style": g.link("style"), "image_text_blend": 0.5, "prompt": g.link("positive")}, "apply")
+    g.prompt[g["sampler"]]["inputs"]["model"] = g.link("apply")
+    return Workflow(
+        f"{number:02d} Train a FaceStudio adapter", "Train a FaceStudio adapter on your photos, then use it",
+        "FaceStudio's own model, trained here: a folder of face photos becomes a FaceStudio adapter (the paper's "
+        "fused image + identity and text + identity tokens), saved to models/ipadapter, and the same graph "
+        "generates with it. Train on many photos of many people (thousands: FFHQ-like) on a GPU; for long runs "
+        "use scripts/train.py. Queue once to train; later, load the saved file with FaceStudio Load Adapter.",
+        g,
+        [Group("1. Models", COLORS["models"], ["checkpoint", "clip_vision", "analyzer"],
+               "Models. Checkpoint: the SD1.5 model to train on (the adapter works with any checkpoint of its "
+               f"family). CLIP vision: {CLIP_VISION} in models/clip_vision. Face analyzer: the insightface pack "
+               "whose embeddings the adapter learns (recorded in the file; identities must use the same pack)."),
+         Group("2. The dataset", COLORS["faces"], ["dataset", "dataset_report"],
+               f"Put the photos in ComfyUI's input/{DATASET_FOLDER}/ folder, one face each, each with an optional "
+               "caption in a .txt file of the same name. Each photo is cropped to a square, its face embedded and "
+               "painted out for the CLIP image embedding, and encoded once (cached beside the photos). The report "
+               "lists every photo left out and why (no face, several faces, too small, unreadable)."),
+         Group("3. Train and save", COLORS["check"], ["train", "loss_graph", "save_adapter"],
+               "Train Adapter keeps the model frozen and trains the fusion and per-layer K/V, with the paper's "
+               "style and face dropout. It writes models/ipadapter/facestudio/my_adapter.safetensors every "
+               "save_every steps with a .state.pt beside it: turn 'resume' on to continue a stopped run exactly. "
+               "State the licences of your photos and face models: they go into the file."),
+         Group("4. Generate with it", COLORS["sample"], ["identity_photo", "identity", "style_photo", "style",
+                                                         "person", "positive", "negative", "apply", "latent",
+                                                         "sampler", "decode", "save"],
+               "Apply with the trained adapter: image_text_blend is the paper's a, blending the identity fused with "
+               "the style image (1) and with the prompt (0). " + SAMPLE_NOTE)],
+        {"identity_photo": "Photo of the person", "style_photo": "Style image", "dataset_report": "Dataset report",
+         "train": "Train the adapter", "save_adapter": "Save the adapter"},
+        summary="Train FaceStudio's own adapter on a folder of face photos, save it, and generate with it.",
+    )
+
+
 WORKFLOWS = {w.name: w for w in (one_person(), stylized_portrait(), two_people(), multi_shot(), identity_mix(),
                                  controlnet_lora(), image_to_image(), scoring(),
                                  one_person(9, "SDXL"), two_people(10, "SDXL"), two_people_sam3(),
-                                 flux_one_person(), flux_two_people(), flux_two_people(14, sam3=True))}
+                                 flux_one_person(), flux_two_people(), flux_two_people(14, sam3=True),
+                                 train_adapter())}
 
 # --- model metadata: what the frontends' Missing Models panels read -------------------------------
 # The loader inputs that name a model file, with the host folder each reads. Frontend 1.48 lists a
@@ -808,7 +872,8 @@ def prompt_differences(expected: dict, got: dict) -> list[str]:
 
 # Sizes and steps the tests lower for speed on CPU (the only changes they make before running).
 TEST_OVERRIDES = {"EmptyLatentImage": {"width": 64, "height": 64}, "EmptySD3LatentImage": {"width": 64, "height": 64},
-                  "KSampler": {"steps": 2}}
+                  "KSampler": {"steps": 2}, "FaceStudioPrepareDataset": {"resolution": 256},
+                  "FaceStudioTrainAdapter": {"steps": 2, "batch_size": 2, "save_every": 0}}
 # Nodes the tests replace: FLUX's T5-XXL cannot be made small (the host's T5 config is fixed at 4.7B
 # parameters), so the FLUX text encoders' loader becomes the host's CLIP-L loader on the same clip_l file,
 # whose states and pooled vector the tiny FLUX reads (CLIP Text Encode and everything after are unchanged).
