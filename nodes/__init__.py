@@ -9,6 +9,8 @@ from .pulid_flux import (FaceStudioPuLIDFluxApply, FaceStudioPuLIDFluxIdentityEn
 from .regions import FaceStudioRegionMask, FaceStudioRegionPrompt, FaceStudioRegions
 from .scoring import FaceStudioIdentityScore
 from .style import FaceStudioStyleEncode
+from .training import FaceStudioSaveAdapter, FaceStudioTrainAdapter
+from .training_data import FaceStudioPrepareDataset
 
 NODE_LIST = [
     FaceStudioAdapterLoader,
@@ -29,4 +31,7 @@ NODE_LIST = [
     FaceStudioPuLIDFluxIdentityEncode,
     FaceStudioPuLIDFluxPerson,
     FaceStudioPuLIDFluxApply,
+    FaceStudioPrepareDataset,
+    FaceStudioTrainAdapter,
+    FaceStudioSaveAdapter,
 ]

@@ -11,3 +11,5 @@ FaceStudioIdentity = io.Custom("FACESTUDIO_IDENTITY")
 FaceStudioStyle = io.Custom("FACESTUDIO_STYLE")
 # A tuple of attention.persons.Person: the persons for FaceStudio Apply, in order (never changed in place).
 FaceStudioPersons = io.Custom("FACESTUDIO_PERSONS")
+# An EncodedDataset (training/dataset.py): a folder of photos encoded for training, with its report.
+FaceStudioDataset = io.Custom("FACESTUDIO_DATASET")
