@@ -62,8 +62,17 @@ def trainable_model(model):
         if ("force_deepcopy" in inspect.signature(model.clone).parameters
                 and getattr(model, "cached_patcher_init", None) is not None):
             return model.clone(force_deepcopy=True)
+        import comfy.utils
+
         clone = model.clone()
-        clone.model = copy.deepcopy(model.model)  # clones every tensor, outside inference mode: ordinary ones
+        copied = copy.deepcopy(model.model)  # clones every tensor, outside inference mode: ordinary ones
+        # A loaded model holds its patches (a LoRA) in its weights, the originals in `backup`: the copy gets
+        # the originals back and is marked unpatched, so loading it patches it once, as it does the model.
+        for key, saved in getattr(model, "backup", {}).items():
+            comfy.utils.set_attr_param(copied, key, saved.weight.detach().clone())
+        if hasattr(copied, "current_weight_patches_uuid"):
+            copied.current_weight_patches_uuid = None
+        clone.model = copied
         return clone
 
 
