@@ -635,12 +635,20 @@ def adapter_file_names() -> list[str]:
     return folder_paths.get_filename_list(IPADAPTER_FOLDER)
 
 
+def plain_name_parts(name: str) -> list[str] | None:
+    """The path parts of `name` when it names a file inside a model folder (not empty, not absolute, no
+    drive letter, no '..'), else None: what Load Adapter reads and Train Adapter writes."""
+    parts = re.split(r"[\\/]", name or "")
+    if not name or name.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", name) or ".." in parts:
+        return None
+    return parts
+
+
 def resolve_adapter_path(name: str) -> str:
     """The full path of `name` inside the host's ipadapter folders; never a path outside them."""
     import folder_paths
 
-    parts = re.split(r"[\\/]", name or "")
-    if not name or name.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", name) or ".." in parts:
+    if plain_name_parts(name) is None:
         raise AdapterError(f"'{name}' is not a file name inside models/{IPADAPTER_FOLDER}: adapters are "
                            "chosen from that folder (sub-folders allowed, no absolute paths or '..').")
     entry = folder_paths.folder_names_and_paths.get(IPADAPTER_FOLDER)

@@ -1,10 +1,9 @@
 """FaceStudio Load Adapter: an IP-Adapter file from models/ipadapter, recognised and typed."""
-import re
 
 from comfy_api.latest import io
 
 from ..attention.adapters import (IPADAPTER_FOLDER, KIND_AUTO, KIND_CHOICES, AdapterError, adapter_file_names,
-                                  load_adapter, resolve_adapter_path)
+                                  load_adapter, plain_name_parts, resolve_adapter_path)
 from ..attention.layers import cross_attention_positions, map_adapter_layers
 from ..startup.model_sources import missing_file_message, paired_lora
 from .types import FaceStudioAdapter
@@ -20,7 +19,7 @@ def adapter_file_problem(adapter_name: str) -> str | None:
         resolve_adapter_path(adapter_name)
         return None
     except AdapterError as e:
-        if not _plain_name(adapter_name):  # an absolute path or '..': names are chosen inside the folder
+        if plain_name_parts(adapter_name) is None:  # an absolute path or '..': names are chosen inside the folder
             return f"Not in the adapter list: {e}"
     entry = folder_paths.folder_names_and_paths.get(IPADAPTER_FOLDER)
     folders = list(entry[0]) if entry else []
@@ -31,10 +30,6 @@ def adapter_file_problem(adapter_name: str) -> str | None:
                                 also)
 
 
-def _plain_name(name: str) -> bool:
-    """A relative name inside a folder: not empty, not absolute, no '..'."""
-    return (bool(name) and not name.startswith(("/", "\\")) and not re.match(r"^[A-Za-z]:", name)
-            and ".." not in re.split(r"[\\/]", name))
 
 
 class FaceStudioAdapterLoader(io.ComfyNode):

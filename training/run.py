@@ -16,7 +16,7 @@ from typing import Callable
 
 import torch
 
-from ..attention.adapters import BASE_BY_CONTEXT, AdapterError, IPAdapterWeights, load_adapter
+from ..attention.adapters import BASE_BY_CONTEXT, AdapterError, IPAdapterWeights, load_adapter, plain_name_parts
 from ..attention.facestudio_fusion import DEFAULT_TOKENS
 from ..attention.facestudio_metadata import NOT_STATED, FaceStudioMetadata
 from .adapter_file import adapter_weights, save_adapter, trainable_from_weights
@@ -166,13 +166,10 @@ def _check_fits(model, context: int) -> None:
 def adapter_path_for(name: str) -> Path:
     """Where the adapter named `name` (sub-folders allowed, '.safetensors' added when missing) is written:
     the first ipadapter model folder, where FaceStudio Load Adapter lists it. Never outside that folder."""
-    import re
-
     import folder_paths
 
-    parts = [p for p in re.split(r"[\\/]", name or "") if p not in ("", ".")]
-    if not parts or name.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", name) or ".." in parts or any(
-            ord(c) < 32 for c in name):
+    parts = [p for p in plain_name_parts(name) or () if p not in ("", ".")]
+    if not parts or any(ord(c) < 32 for c in name):
         raise AdapterError(f"'{name}' is not a name for an adapter file inside models/ipadapter: type a name such "
                            "as 'facestudio/anna' (sub-folders allowed; no absolute paths, '..' or control characters).")
     folders = folder_paths.get_folder_paths("ipadapter") if "ipadapter" in folder_paths.folder_names_and_paths else []
