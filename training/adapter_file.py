@@ -14,7 +14,7 @@ from pathlib import Path
 import safetensors.torch
 import torch
 
-from ..attention.adapters import AdapterError, AdapterKind, IPAdapterWeights, recognise
+from ..attention.adapters import AdapterError, AdapterKind, IPAdapterWeights, recognise, split_sections
 from ..attention.facestudio_metadata import FaceStudioMetadata
 from ..attention.layers import cross_attention_positions, map_adapter_layers
 from ..attention.facestudio_fusion import FaceStudioFusion
@@ -35,9 +35,7 @@ def adapter_tensors(adapter: TrainableAdapter, dtype: torch.dtype = torch.float3
 
 def adapter_weights(adapter: TrainableAdapter, metadata: FaceStudioMetadata, source: str) -> IPAdapterWeights:
     """The adapter as Load Adapter would read it back from its file: FaceStudio Apply takes it directly."""
-    tensors = adapter_tensors(adapter)
-    image_proj = {k[len("image_proj."):]: v for k, v in tensors.items() if k.startswith("image_proj.")}
-    ip_adapter = {k[len("ip_adapter."):]: v for k, v in tensors.items() if k.startswith("ip_adapter.")}
+    image_proj, ip_adapter = split_sections(adapter_tensors(adapter), source)
     return recognise(image_proj, ip_adapter, source, AdapterKind.FACESTUDIO.value, metadata.to_header())
 
 

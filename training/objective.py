@@ -134,15 +134,14 @@ def training_loss(model, adapter: TrainableAdapter, batch: TrainingBatch, genera
 
 
 def _adm_conds(base, batch: TrainingBatch) -> dict:
-    """SDXL's `y` (the pooled text + size embedding) from the model's own encode_adm, per example: the
-    caption's pooled embedding is e_T, and the size is the training image's (uncropped, as encoded).
-    Nothing for a model without one (SD1.5)."""
+    """SDXL's `y` (the pooled text + size embedding) from the model's own encode_adm, a row per example:
+    the caption's pooled embedding is e_T, and the size is the training image's (uncropped, as encoded),
+    the same for the whole batch. Nothing for a model without one (SD1.5)."""
     if not getattr(base, "adm_channels", 0):
         return {}
     height, width = (8 * s for s in batch.latents.shape[-2:])  # SD and SDXL VAEs: 8 pixels per latent
-    rows = [base.encode_adm(pooled_output=batch.text_embeds[i:i + 1], width=width, height=height,
-                            device=batch.text_embeds.device) for i in range(len(batch))]
-    return {"y": torch.cat(rows).to(batch.text_embeds.device)}
+    y = base.encode_adm(pooled_output=batch.text_embeds, width=width, height=height, device=batch.text_embeds.device)
+    return {"y": y.to(batch.text_embeds.device)}
 
 
 def predict(model, adapter: TrainableAdapter, noised: torch.Tensor, sigmas: torch.Tensor, context: torch.Tensor,

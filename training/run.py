@@ -150,7 +150,7 @@ def _train(model, dataset, settings, adapter_path: Path, resume, save_every, num
         meta = _metadata(dataset, base_model, num_tokens, settings, step, licences)
         save_adapter(adapter, meta, adapter_path)
         save_state(state, settings, state_path(adapter_path))
-    meta = _metadata(dataset, base_model, num_tokens, settings, step, licences)
+    # The loop ran at least once (a resume at or past `steps` is refused above): `meta` is the last file's.
     return TrainingResult(adapter_weights(adapter.cpu(), meta, adapter_path.name), state, adapter_path)
 
 
